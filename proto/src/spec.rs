@@ -1,0 +1,13 @@
+//! The task spec: TOML files, their validation, and the resolved rules the parts act on.
+//!
+//! The proto `TaskSpec` carries the same fields as the TOML file, with durations as strings.
+//! Both the CLI (before sending) and the controller (on receipt) validate with [`validate`],
+//! so an error is reported the same way whichever door the spec came through.
+
+mod file;
+mod rules;
+mod validate;
+
+pub use file::{parse_file, ParseError};
+pub use rules::{HealthRules, Policy, RestartRules, Rules};
+pub use validate::{validate, FieldError, Limits};
