@@ -313,11 +313,22 @@ def main(argv=None):
     marker = os.path.join(data_dir, HANG_MARKER)
 
     # Training state, also read by the SIGTERM handler.
-    st = {"step": 0, "epoch": 0}
+    # "known": the step is valid (checkpoint loaded); "training": inside the training loop,
+    # where SIGTERM is deferred to the end of the current step so a final checkpoint is
+    # consistent and the step reported on the way out is never behind the resumed one.
+    st = {"step": 0, "epoch": 0, "known": False, "training": False, "stop": False}
+
+    def stop_line():
+        m = {"step": st["step"], "epoch": st["epoch"]} if st["known"] else {}
+        status.emit("running", "stopping on SIGTERM", m)
 
     def on_sigterm(signum, frame):
-        if not status.silenced:
-            status.emit("running", "stopping on SIGTERM", {"step": st["step"], "epoch": st["epoch"]})
+        if status.silenced:  # hung: die without a word
+            raise SystemExit(143)
+        if st["training"]:
+            st["stop"] = True
+            return
+        stop_line()
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -342,6 +353,7 @@ def main(argv=None):
         rng.setstate((v, tuple(internal), gauss))
         last = ck.get("last", {})
     st["epoch"] = min(st["step"] // steps_per_epoch + 1, args.epochs)
+    st["known"] = True
 
     def epoch_of(step):
         # 1-based epoch that the step belongs to (step counts completed steps)
@@ -365,6 +377,7 @@ def main(argv=None):
 
     loss_sum, loss_n, warned_nonfinite = 0.0, 0, False
     hang_armed = args.hang_at_step is not None and not os.path.exists(marker)
+    st["training"] = True
     while st["step"] < total_steps:
         e, pos = divmod(st["step"], steps_per_epoch)
         if e != order_epoch:
@@ -402,6 +415,13 @@ def main(argv=None):
             print(f"[{task} #{attempt}] epoch {st['epoch']}/{args.epochs} "
                   f"step {st['step']}/{total_steps} loss {last['loss']:.4f} "
                   f"val_acc {val_acc:.4f}", flush=True)
+
+        if st["stop"]:
+            checkpoint()
+            stop_line()
+            print(f"[{task} #{attempt}] SIGTERM: checkpointed step {st['step']}, exiting", flush=True)
+            return 143
+    st["training"] = False
 
     if not last or last.get("step") != st["step"]:  # e.g. resumed from a finished checkpoint
         last = dict(last, step=st["step"], epoch=st["epoch"], val_acc=round(model.accuracy(val), 4))

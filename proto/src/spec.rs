@@ -10,4 +10,4 @@ mod validate;
 
 pub use file::{parse_file, ParseError};
 pub use rules::{HealthRules, Policy, RestartRules, Rules};
-pub use validate::{validate, FieldError, Limits};
+pub use validate::{check_name, validate, FieldError, Limits};

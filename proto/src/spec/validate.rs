@@ -100,7 +100,7 @@ pub fn validate(spec: &v1::TaskSpec) -> Result<(), Vec<FieldError>> {
 
 /// Names are `[a-z0-9._-]`, start with a letter or digit, and are at most 128 characters;
 /// they become directory names on nodes, so `.` and `..` must never pass.
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("is empty".into());
     }

@@ -1,0 +1,160 @@
+//! The Muster node agent: starts and supervises child processes on one worker and streams
+//! their status to the controller.
+
+#![forbid(unsafe_code)]
+
+pub mod logs;
+pub mod outbox;
+pub mod process;
+pub mod runner;
+pub mod session;
+pub mod status;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use muster_proto::v1::Capacity;
+
+use crate::logs::LogLimits;
+use crate::outbox::Outbox;
+use crate::session::Session;
+use crate::supervisor::Supervisor;
+
+/// How the agent was started.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub controller: String,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub capacity: Capacity,
+    pub labels: HashMap<String, String>,
+    pub log_limits: LogLimits,
+}
+
+/// What every part of the agent shares.
+pub struct Context {
+    pub node: String,
+    pub controller: String,
+    pub instance: String,
+    pub data_dir: PathBuf,
+    pub labels: HashMap<String, String>,
+    pub log_limits: LogLimits,
+    pub outbox: Arc<Outbox>,
+}
+
+impl Context {
+    /// The directory of a task's logs, status file and data; names are validated, so they
+    /// are safe path components.
+    pub fn task_dir(&self, task: &str) -> PathBuf {
+        self.data_dir.join("tasks").join(task)
+    }
+}
+
+/// A config problem found before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--name {0}")]
+    Name(String),
+    #[error("--controller {0:?} is not an http:// or https:// URL")]
+    Controller(String),
+    #[error("--data-dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    /// Checks the config; every problem is reported together.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        if let Err(problem) = muster_proto::spec::check_name(&self.name) {
+            errors.push(ConfigError::Name(problem));
+        }
+        if !(self.controller.starts_with("http://") || self.controller.starts_with("https://")) {
+            errors.push(ConfigError::Controller(self.controller.clone()));
+        }
+        if let Err(source) = std::fs::create_dir_all(self.data_dir.join("tasks")) {
+            errors.push(ConfigError::DataDir {
+                path: self.data_dir.clone(),
+                source,
+            });
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    ctx: Arc<Context>,
+    supervisor: Arc<Supervisor>,
+    capacity: Capacity,
+}
+
+impl Agent {
+    pub fn new(config: Config) -> Agent {
+        let instance = format!("{:016x}", rand::random::<u64>());
+        let ctx = Arc::new(Context {
+            node: config.name,
+            controller: config.controller,
+            instance,
+            data_dir: config.data_dir,
+            labels: config.labels,
+            log_limits: config.log_limits,
+            outbox: Arc::new(Outbox::new()),
+        });
+        // Start the reaper before any child exists.
+        let _ = process::tree_members(0, "");
+        Agent {
+            supervisor: Supervisor::new(ctx.clone()),
+            ctx,
+            capacity: config.capacity,
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then stops every task (SIGTERM, grace, SIGKILL),
+    /// reports their ends to the controller if it can, and returns.
+    pub fn instance(&self) -> &str {
+        &self.ctx.instance
+    }
+
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let session = Arc::new(Session {
+            ctx: self.ctx.clone(),
+            supervisor: self.supervisor.clone(),
+            capacity: self.capacity,
+        });
+        let running = tokio::spawn({
+            let session = session.clone();
+            async move { session.run(stop_rx).await }
+        });
+
+        shutdown.await;
+        tracing::info!(
+            tasks = self.supervisor.len(),
+            "shutting down: stopping tasks"
+        );
+        let stopped = self
+            .supervisor
+            .stop_all("node_shutdown", Duration::from_secs(120))
+            .await;
+        if !stopped {
+            tracing::warn!("some tasks did not stop in time");
+        }
+        let _ = stop_tx.send(true);
+        let _ = running.await;
+        session.flush(Duration::from_secs(3)).await;
+        tracing::info!(unsent = self.ctx.outbox.len(), "node agent stopped");
+    }
+}
