@@ -1,0 +1,336 @@
+//! Operator requests as the core carries them out. Errors are typed here and turned into
+//! gRPC statuses at the service edge.
+
+use tokio::sync::oneshot;
+
+use muster_proto::v1;
+
+use super::Core;
+use crate::event::{now_ms, Event, Severity};
+use crate::model::{TaskRecord, TaskState};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// One operator request; its reply is sent once the request's effects are durable.
+pub enum Request {
+    Submit {
+        specs: Vec<v1::TaskSpec>,
+        caller: String,
+        reply: Reply<Vec<String>>,
+    },
+    Get {
+        name: String,
+        reply: Reply<v1::Task>,
+    },
+    List {
+        filter: v1::ListTasksRequest,
+        reply: Reply<Vec<v1::Task>>,
+    },
+    Stop {
+        name: String,
+        caller: String,
+        reply: Reply<v1::Task>,
+    },
+    Restart {
+        name: String,
+        caller: String,
+        reply: Reply<v1::Task>,
+    },
+    Nodes {
+        reply: Reply<Vec<v1::Node>>,
+    },
+    Incidents {
+        all: bool,
+        reply: Reply<Vec<v1::Incident>>,
+    },
+    Ack {
+        id: u64,
+        caller: String,
+        reply: Reply<v1::Incident>,
+    },
+    Log {
+        request: v1::LogRequest,
+        reply: Reply<v1::LogChunk>,
+    },
+}
+
+impl Core {
+    pub(super) fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Submit {
+                specs,
+                caller,
+                reply,
+            } => {
+                let result = self.submit(specs, &caller);
+                self.reply(reply, result);
+            }
+            Request::Get { name, reply } => {
+                let result = self.get(&name);
+                self.reply(reply, result);
+            }
+            Request::List { filter, reply } => {
+                let result = Ok(self.list(&filter));
+                self.reply(reply, result);
+            }
+            Request::Stop {
+                name,
+                caller,
+                reply,
+            } => {
+                let result = self.stop(&name, &caller);
+                self.reply(reply, result);
+            }
+            Request::Restart {
+                name,
+                caller,
+                reply,
+            } => {
+                let result = self.restart(&name, &caller);
+                self.reply(reply, result);
+            }
+            Request::Nodes { reply } => {
+                let mut nodes: Vec<_> = self.nodes.values().map(|n| n.to_proto()).collect();
+                nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                self.reply(reply, Ok(nodes));
+            }
+            Request::Incidents { all, reply } => {
+                let mut incidents: Vec<_> = self
+                    .incidents
+                    .values()
+                    .filter(|i| all || i.state != "resolved")
+                    .map(|i| i.to_proto())
+                    .collect();
+                incidents.sort_by_key(|i| i.id);
+                self.reply(reply, Ok(incidents));
+            }
+            Request::Ack { id, caller, reply } => {
+                let result = self.ack(id, &caller);
+                self.reply(reply, result);
+            }
+            Request::Log { request, reply } => self.log(request, reply),
+        }
+    }
+
+    /// Replies go out after the batch is committed.
+    fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, result: Result<T, ApiError>) {
+        self.batch.after.push(Box::new(move || {
+            let _ = reply.send(result);
+        }));
+    }
+
+    fn submit(&mut self, specs: Vec<v1::TaskSpec>, caller: &str) -> Result<Vec<String>, ApiError> {
+        // All or nothing: check every spec before changing anything.
+        let mut names = std::collections::HashSet::new();
+        for spec in &specs {
+            if self.tasks.contains_key(&spec.name) {
+                return Err(ApiError::AlreadyExists(format!(
+                    "task {} already exists",
+                    spec.name
+                )));
+            }
+            if !names.insert(spec.name.clone()) {
+                return Err(ApiError::Invalid(format!(
+                    "tasks: name {} appears twice",
+                    spec.name
+                )));
+            }
+        }
+        let now = now_ms();
+        let mut out = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let name = spec.name.clone();
+            let task = TaskRecord::new(spec, String::new(), String::new(), now);
+            self.tasks.insert(name.clone(), task);
+            self.touch(&name);
+            self.pending.push_back(name.clone());
+            let command = self.tasks[&name].spec.command.join(" ");
+            let event = self
+                .task_event(
+                    &name,
+                    "task.submitted",
+                    Severity::Info,
+                    format!("submitted by {caller}"),
+                )
+                .with("command", command);
+            self.emit(event);
+            out.push(name);
+        }
+        self.batch.place = true;
+        Ok(out)
+    }
+
+    fn get(&self, name: &str) -> Result<v1::Task, ApiError> {
+        let task = self.tasks.get(name).ok_or_else(|| not_found(name))?;
+        let mut proto = task.to_proto();
+        proto.attempts = self
+            .store
+            .attempts(name)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(proto)
+    }
+
+    fn list(&self, filter: &v1::ListTasksRequest) -> Vec<v1::Task> {
+        let mut out: Vec<v1::Task> = self
+            .tasks
+            .values()
+            .filter(|t| filter.state.is_empty() || t.state.as_str() == filter.state)
+            .filter(|t| filter.node.is_empty() || t.node == filter.node)
+            .filter(|t| filter.parent.is_empty() || t.parent == filter.parent)
+            .filter(|t| filter.root.is_empty() || t.root == filter.root)
+            .filter(|t| {
+                filter
+                    .labels
+                    .iter()
+                    .all(|(k, v)| t.spec.labels.get(k) == Some(v))
+            })
+            .map(TaskRecord::to_proto)
+            .collect();
+        out.sort_by(|a, b| {
+            a.created_ms.cmp(&b.created_ms).then_with(|| {
+                a.spec
+                    .as_ref()
+                    .map(|s| &s.name)
+                    .cmp(&b.spec.as_ref().map(|s| &s.name))
+            })
+        });
+        out
+    }
+
+    fn operator_action(&mut self, caller: &str, action: &str, task: &str) {
+        let event = self
+            .task_event(
+                task,
+                "operator.action",
+                Severity::Info,
+                format!("{caller}: {action} {task}"),
+            )
+            .with("action", action)
+            .with("caller", caller)
+            .with("reason", "operator");
+        self.emit(event);
+    }
+
+    fn stop(&mut self, name: &str, caller: &str) -> Result<v1::Task, ApiError> {
+        let task = self.tasks.get(name).ok_or_else(|| not_found(name))?;
+        let state = task.state;
+        if state.is_final() {
+            return Ok(task.to_proto());
+        }
+        self.operator_action(caller, "stop", name);
+        if state.holds_node() {
+            self.request_stop(name, "operator");
+        } else {
+            // pending or crash_loop: nothing runs, it stops here.
+            self.pending.retain(|p| p != name);
+            let task = self.tasks.get_mut(name).expect("task exists");
+            task.set_state(TaskState::Stopped, "operator");
+            self.touch(name);
+            let event = self
+                .task_event(name, "task.stopped", Severity::Info, "stopped (operator)")
+                .with("reason", "operator");
+            self.emit(event);
+            self.resolve_task_incidents(name, "task stopped by an operator");
+        }
+        Ok(self.tasks[name].to_proto())
+    }
+
+    fn restart(&mut self, name: &str, caller: &str) -> Result<v1::Task, ApiError> {
+        let task = self.tasks.get(name).ok_or_else(|| not_found(name))?;
+        let state = task.state;
+        match state {
+            TaskState::Stopping => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "task {name} is stopping; restart it once it stopped"
+                )))
+            }
+            TaskState::Pending => return Ok(task.to_proto()),
+            _ => {}
+        }
+        self.operator_action(caller, "restart", name);
+        self.resolve_task_incidents(name, "restarted by an operator");
+        if state.holds_node() {
+            // Running, or in backoff on its node: the node starts the next attempt now.
+            self.request_restart(name, "operator");
+        } else {
+            // Final or crash loop: place it again, fresh.
+            let task = self.tasks.get_mut(name).expect("task exists");
+            task.set_state(TaskState::Pending, "operator");
+            task.stop_reason.clear();
+            self.touch(name);
+            self.pending.push_back(name.to_string());
+            self.batch.place = true;
+        }
+        Ok(self.tasks[name].to_proto())
+    }
+
+    fn ack(&mut self, id: u64, caller: &str) -> Result<v1::Incident, ApiError> {
+        let incident = self.incidents.get_mut(&id).ok_or_else(|| {
+            ApiError::NotFound(format!("incident {id} not found (or already resolved)"))
+        })?;
+        if incident.state == "open" {
+            incident.state = "acked".into();
+            incident.updated_ms = now_ms();
+            let incident = incident.clone();
+            self.batch.incidents.push(incident.clone());
+            let mut event = Event::new(
+                "incident.acked",
+                Severity::Info,
+                format!("incident {id} acknowledged by {caller}"),
+            )
+            .with("incident", id)
+            .with("reason", incident.reason.clone())
+            .with("caller", caller);
+            event.task = incident.task.clone();
+            event.node = incident.node.clone();
+            self.emit(event);
+        }
+        Ok(self.incidents[&id].to_proto())
+    }
+
+    fn log(&mut self, mut request: v1::LogRequest, reply: Reply<v1::LogChunk>) {
+        let Some(task) = self.tasks.get(&request.task) else {
+            let _ = reply.send(Err(not_found(&request.task)));
+            return;
+        };
+        if task.node.is_empty() {
+            let _ = reply.send(Ok(v1::LogChunk::default()));
+            return;
+        }
+        let node = task.node.clone();
+        request.id = self.next_log_request;
+        self.next_log_request += 1;
+        let message = v1::ControllerMessage {
+            body: Some(v1::controller_message::Body::LogRequest(request.clone())),
+        };
+        if self.send_to(&node, message) {
+            self.log_waiters.insert(request.id, reply);
+        } else {
+            let _ = reply.send(Err(ApiError::Unavailable(format!(
+                "node {node} holding the logs of {} is not connected",
+                request.task
+            ))));
+        }
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!("task {name} not found"))
+}

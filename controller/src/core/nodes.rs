@@ -1,0 +1,280 @@
+//! Node sessions: Hello and reconciliation, batches of node events, liveness by this
+//! controller's own monotonic receive times.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use muster_proto::v1::{self, command::Action, node_event::Kind};
+
+use super::{Core, SessionHandle};
+use crate::event::{now_ms, Event, Severity};
+use crate::model::{NodeRecord, NodeState, TaskState};
+
+impl Core {
+    pub(super) fn on_hello(&mut self, session: SessionHandle, hello: v1::Hello) {
+        let name = hello.node.clone();
+        let previous = self.node_memory.get(&name).cloned().unwrap_or_default();
+        let same_instance = previous.instance == hello.instance;
+        self.epoch += 1;
+        self.batch.meta.push(("epoch", self.epoch as i64));
+
+        let existed = self.nodes.contains_key(&name);
+        let node = self
+            .nodes
+            .entry(name.clone())
+            .or_insert_with(|| NodeRecord {
+                name: name.clone(),
+                state: NodeState::Ready,
+                capacity: v1::Capacity::default(),
+                used: v1::Capacity::default(),
+                labels: Default::default(),
+                version: String::new(),
+                memory: Default::default(),
+                last_seen: Instant::now(),
+                last_seen_ms: now_ms(),
+                session: None,
+                tasks: HashSet::new(),
+            });
+        let was_lost = node.state == NodeState::Lost;
+        node.capacity = hello.capacity.unwrap_or_default();
+        node.labels = hello.labels.clone();
+        node.version = hello.version.clone();
+        node.last_seen = Instant::now();
+        node.last_seen_ms = now_ms();
+        node.state = NodeState::Ready;
+        node.session = Some(session.clone());
+        node.memory.instance = hello.instance.clone();
+        if !same_instance {
+            node.memory.acked_seq = 0;
+        }
+        let acked_seq = node.memory.acked_seq;
+        self.node_memory.insert(name.clone(), node.memory.clone());
+        self.batch.nodes.insert(name.clone());
+
+        let kind = if was_lost {
+            "node.returned"
+        } else {
+            "node.joined"
+        };
+        let capacity = hello.capacity.unwrap_or_default();
+        let event = Event::new(
+            kind,
+            if was_lost {
+                Severity::Warning
+            } else {
+                Severity::Info
+            },
+            format!("node {name} connected"),
+        )
+        .node(&name)
+        .with("slots", capacity.slots)
+        .with("gpus", capacity.gpus)
+        .with("memory_mb", capacity.memory_mb)
+        .with("version", hello.version.clone())
+        .with("running", hello.attempts.len())
+        .with("restarted_agent", existed && !same_instance);
+        self.emit(event);
+        if was_lost {
+            self.resolve_incident("", &name, "node_lost", "node reconnected");
+        }
+        tracing::info!(node = %name, epoch = self.epoch, running = hello.attempts.len(), "node session started");
+
+        self.batch.sends.push((
+            session,
+            v1::ControllerMessage {
+                body: Some(v1::controller_message::Body::Welcome(v1::Welcome {
+                    epoch: self.epoch,
+                    heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
+                    acked_seq,
+                })),
+            },
+        ));
+        self.reconcile(&name, &hello.attempts, same_instance);
+        self.batch.place = true;
+    }
+
+    /// Compares what the node runs with what the controller believes, and mends both sides.
+    fn reconcile(&mut self, node: &str, running: &[v1::RunningAttempt], same_instance: bool) {
+        let reported: HashSet<&str> = running.iter().map(|a| a.task.as_str()).collect();
+        for attempt in running {
+            let belongs = self.tasks.get(&attempt.task).is_some_and(|t| {
+                t.node == node && t.state.holds_node() && t.attempt <= attempt.attempt
+            });
+            if belongs {
+                if let Some(t) = self.tasks.get_mut(&attempt.task) {
+                    // A returning node's tasks were pending re-placement; they are back.
+                    t.live.lost_at = None;
+                    t.live.heartbeat = Instant::now();
+                }
+                continue;
+            }
+            // The task was replaced, stopped or forgotten while the node was away: fence it.
+            let event = self
+                .task_event(
+                    &attempt.task,
+                    "task.stopped",
+                    Severity::Warning,
+                    format!("fenced: attempt {} on {node} was replaced", attempt.attempt),
+                )
+                .node(node)
+                .attempt(attempt.attempt)
+                .with("reason", "fenced");
+            self.emit(event);
+            self.command(
+                node,
+                Action::Stop(v1::StopTask {
+                    task: attempt.task.clone(),
+                    reason: "fenced".into(),
+                    attempt: attempt.attempt,
+                }),
+            );
+        }
+
+        let believed: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| t.node == node && t.state.holds_node() && !reported.contains(t.name()))
+            .map(|t| t.name().to_string())
+            .collect();
+        for name in believed {
+            let task = &self.tasks[&name];
+            if same_instance {
+                // Events about it are on their way again; a Start that may have been lost is
+                // sent again (the node ignores a Start for an attempt it already ran).
+                if task.state == TaskState::Starting {
+                    let start = self.start_command(&name);
+                    self.command(node, start);
+                }
+            } else {
+                self.attempt_lost(&name, "node_restarted");
+            }
+        }
+    }
+
+    pub(super) fn on_batch(&mut self, session_id: u64, node: &str, batch: v1::NodeBatch) {
+        let Some(record) = self.nodes.get_mut(node) else {
+            return;
+        };
+        if record.session.as_ref().is_none_or(|s| s.id != session_id) {
+            return;
+        }
+        record.last_seen = Instant::now();
+        record.last_seen_ms = now_ms();
+        if record.state == NodeState::Suspect {
+            record.state = NodeState::Ready;
+        }
+
+        let mut acked = record.memory.acked_seq;
+        for event in batch.events {
+            if event.seq <= acked {
+                continue;
+            }
+            acked = event.seq;
+            self.on_node_event(node, event);
+        }
+        if let Some(record) = self.nodes.get_mut(node) {
+            if acked > record.memory.acked_seq {
+                record.memory.acked_seq = acked;
+                self.node_memory
+                    .insert(node.to_string(), record.memory.clone());
+                self.batch.nodes.insert(node.to_string());
+                self.batch.acks.insert(node.to_string(), acked);
+            }
+        }
+        for result in batch.results {
+            if !result.ok {
+                tracing::warn!(node, command = result.id, error = %result.error, "node rejected a command");
+            }
+        }
+        for log in batch.logs {
+            if let Some(reply) = self.log_waiters.remove(&log.id) {
+                let result = if log.error.is_empty() {
+                    Ok(log.chunk.unwrap_or_default())
+                } else {
+                    Err(super::ApiError::Unavailable(log.error))
+                };
+                self.batch.after.push(Box::new(move || {
+                    let _ = reply.send(result);
+                }));
+            }
+        }
+    }
+
+    fn on_node_event(&mut self, node: &str, event: v1::NodeEvent) {
+        let Some(task) = self.tasks.get(&event.task) else {
+            tracing::debug!(node, task = %event.task, "event for an unknown task");
+            return;
+        };
+        // Events from a node that no longer owns the task (it was replaced) are ignored.
+        if task.node != node {
+            return;
+        }
+        match event.kind {
+            Some(Kind::Started(started)) => {
+                self.on_started(&event.task, event.attempt, started.pid, event.ts_ms)
+            }
+            Some(Kind::Exited(exited)) => {
+                self.on_exited(&event.task, event.attempt, exited, event.ts_ms)
+            }
+            Some(Kind::Report(report)) => {
+                self.on_report(&event.task, event.attempt, report, event.ts_ms)
+            }
+            Some(Kind::LogMatch(m)) => self.on_log_match(&event.task, event.attempt, m),
+            Some(Kind::Settled(s)) => {
+                self.on_settled(&event.task, event.attempt, &s.state, &s.reason)
+            }
+            None => {}
+        }
+    }
+
+    pub(super) fn on_closed(&mut self, session_id: u64, node: &str) {
+        if let Some(record) = self.nodes.get_mut(node) {
+            if record.session.as_ref().is_some_and(|s| s.id == session_id) {
+                record.session = None;
+                tracing::info!(node, "node session closed");
+            }
+        }
+    }
+
+    /// Marks silent nodes suspect, then lost, and schedules their tasks for re-placement.
+    pub(super) fn check_nodes(&mut self) {
+        let now = Instant::now();
+        let timeout = self.cfg.node_timeout;
+        let mut lost = Vec::new();
+        for node in self.nodes.values_mut() {
+            let silent = now.duration_since(node.last_seen);
+            match node.state {
+                NodeState::Ready if silent > timeout / 2 => node.state = NodeState::Suspect,
+                NodeState::Suspect if silent > timeout => {
+                    node.state = NodeState::Lost;
+                    node.session = None;
+                    lost.push(node.name.clone());
+                }
+                _ => {}
+            }
+        }
+        for name in lost {
+            let tasks: Vec<String> = self.nodes[&name].tasks.iter().cloned().collect();
+            tracing::warn!(node = %name, tasks = tasks.len(), "node lost");
+            let message = format!(
+                "node {name} silent for {}s; {} tasks affected",
+                timeout.as_secs(),
+                tasks.len()
+            );
+            self.emit(
+                Event::new("node.lost", Severity::Error, message.clone())
+                    .node(&name)
+                    .with("reason", "node_lost")
+                    .with("tasks", tasks.len()),
+            );
+            self.open_incident("", &name, "node_lost", Severity::Error, &message);
+            let at = now + self.cfg.reschedule_after;
+            for task in tasks {
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    t.live.lost_at = Some(now);
+                }
+                self.schedule(at, super::Check::Reschedule, &task);
+            }
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! Task lifecycle in the controller: placement, attempt events from nodes, and the
+//! operator's stop and restart.
+
+use std::time::Instant;
+
+use muster_proto::v1::{self, command::Action};
+
+use super::Core;
+use crate::event::{metrics_json, now_ms, Severity};
+use crate::model::TaskState;
+
+impl Core {
+    /// Places pending tasks, in submission order, on the ready node with the most free
+    /// slots that fits each. Stops early once no node has a free slot.
+    pub(super) fn place_pending(&mut self) {
+        let mut waiting = std::collections::VecDeque::new();
+        while let Some(name) = self.pending.pop_front() {
+            if !self
+                .nodes
+                .values()
+                .any(|n| n.free_slots() > 0 && n.session.is_some())
+            {
+                waiting.push_back(name);
+                break;
+            }
+            let Some(task) = self.tasks.get(&name) else {
+                continue;
+            };
+            if task.state != TaskState::Pending {
+                continue;
+            }
+            let best = self
+                .nodes
+                .values()
+                .filter(|n| n.fits(task))
+                .max_by_key(|n| (n.free_slots(), std::cmp::Reverse(n.name.clone())))
+                .map(|n| n.name.clone());
+            match best {
+                Some(node) => self.place(&name, &node),
+                None => waiting.push_back(name),
+            }
+        }
+        waiting.append(&mut self.pending);
+        self.pending = waiting;
+        self.batch.place = false;
+    }
+
+    fn place(&mut self, name: &str, node: &str) {
+        let task = self.tasks.get_mut(name).expect("placed task exists");
+        task.node = node.to_string();
+        task.attempt += 1;
+        task.live.lost_at = None;
+        task.live.current = None;
+        task.set_state(TaskState::Starting, "placed");
+        let record = task.clone();
+        self.nodes
+            .get_mut(node)
+            .expect("placement node exists")
+            .reserve(&record, 1);
+        self.touch(name);
+
+        let event = self.task_event(
+            name,
+            "task.placed",
+            Severity::Info,
+            format!("placed on {node}"),
+        );
+        self.emit(event);
+        let start = self.start_command(name);
+        self.command(node, start);
+    }
+
+    pub(super) fn start_command(&self, name: &str) -> Action {
+        let task = &self.tasks[name];
+        Action::Start(v1::StartTask {
+            spec: Some(task.spec.clone()),
+            attempt: task.attempt,
+            env: Default::default(),
+        })
+    }
+
+    pub(super) fn on_started(&mut self, name: &str, attempt: u32, pid: u32, ts_ms: i64) {
+        let Some(task) = self.tasks.get_mut(name) else {
+            return;
+        };
+        if attempt < task.attempt || !task.state.holds_node() {
+            return;
+        }
+        task.attempt = attempt;
+        task.live.heartbeat = Instant::now();
+        task.live.progress = None;
+        let current = v1::Attempt {
+            task: name.to_string(),
+            attempt,
+            node: task.node.clone(),
+            pid,
+            started_ms: ts_ms,
+            ..Default::default()
+        };
+        task.live.current = Some(current.clone());
+        if task.state != TaskState::Stopping {
+            task.set_state(TaskState::Running, "started");
+        }
+        self.batch.attempts.push(current);
+        self.touch(name);
+
+        let event = self
+            .task_event(
+                name,
+                "attempt.started",
+                Severity::Info,
+                format!("started pid {pid}"),
+            )
+            .with("pid", pid);
+        self.emit(event);
+        self.schedule_health(name);
+    }
+
+    pub(super) fn on_exited(
+        &mut self,
+        name: &str,
+        attempt: u32,
+        exited: v1::AttemptExited,
+        ts_ms: i64,
+    ) {
+        let Some(task) = self.tasks.get_mut(name) else {
+            return;
+        };
+        if attempt < task.attempt {
+            return;
+        }
+        task.attempt = attempt;
+        let mut ended = task
+            .live
+            .current
+            .take()
+            .filter(|a| a.attempt == attempt)
+            .unwrap_or(v1::Attempt {
+                task: name.to_string(),
+                attempt,
+                node: task.node.clone(),
+                ..Default::default()
+            });
+        ended.ended_ms = ts_ms;
+        ended.exit_code = exited.exit_code;
+        ended.signal = exited.signal;
+        ended.end_reason = exited.reason.clone();
+        ended.error = exited.error.clone();
+        self.batch.attempts.push(ended);
+
+        let (what, severity) = match (exited.exit_code, exited.signal, exited.error.is_empty()) {
+            (_, _, false) => (
+                format!("could not start: {}", exited.error),
+                Severity::Error,
+            ),
+            (Some(0), _, _) => ("exited with code 0".to_string(), Severity::Info),
+            (Some(code), _, _) => (format!("exited with code {code}"), Severity::Warning),
+            (None, Some(sig), _) => (format!("killed by signal {sig}"), Severity::Warning),
+            _ => ("exited".to_string(), Severity::Warning),
+        };
+        let stopped_by_us = exited.next == "stopped";
+        let mut event = self
+            .task_event(
+                name,
+                "attempt.exited",
+                if stopped_by_us {
+                    Severity::Info
+                } else {
+                    severity
+                },
+                what.clone(),
+            )
+            .with("reason", exited.reason.clone())
+            .with("runtime_ms", exited.runtime_ms)
+            .with("log_tail", exited.log_tail.clone());
+        if let Some(code) = exited.exit_code {
+            event = event.with("exit_code", code);
+        }
+        if let Some(sig) = exited.signal {
+            event = event.with("signal", sig);
+        }
+        if !exited.error.is_empty() {
+            event = event.with("error", exited.error.clone());
+        }
+        self.emit(event);
+
+        match exited.next.as_str() {
+            "backoff" => {
+                let task = self.tasks.get_mut(name).expect("task exists");
+                task.restarts += 1;
+                task.set_state(TaskState::Backoff, &exited.reason);
+                task.message = what;
+                let event = self
+                    .task_event(
+                        name,
+                        "task.restarting",
+                        Severity::Warning,
+                        format!("restarting in {}ms", exited.backoff_ms),
+                    )
+                    .with("reason", exited.reason.clone())
+                    .with("backoff_ms", exited.backoff_ms)
+                    .with("restarts_in_window", exited.restarts_in_window);
+                self.emit(event);
+            }
+            "crash_loop" => {
+                let max = self.tasks[name].rules.restart.max_restarts;
+                let message = format!(
+                    "{} restarts within the window, giving up: {what}",
+                    exited.restarts_in_window.max(max)
+                );
+                self.release(name, TaskState::CrashLoop, "crash_loop");
+                let event = self
+                    .task_event(name, "task.crash_loop", Severity::Error, message.clone())
+                    .with("reason", "crash_loop")
+                    .with("restarts", exited.restarts_in_window);
+                self.emit(event);
+                self.open_incident(name, "", "crash_loop", Severity::Error, &message);
+            }
+            "succeeded" => {
+                self.release(name, TaskState::Succeeded, "exit_code");
+                let event = self.task_event(name, "task.succeeded", Severity::Info, "succeeded");
+                self.emit(event);
+                self.resolve_task_incidents(name, "task succeeded");
+            }
+            "failed" => {
+                self.release(name, TaskState::Failed, &exited.reason);
+                let event = self
+                    .task_event(name, "task.failed", Severity::Error, what)
+                    .with("reason", exited.reason.clone());
+                self.emit(event);
+            }
+            _ => self.on_settled(name, attempt, "stopped", &exited.reason),
+        }
+        self.touch(name);
+    }
+
+    /// The task ended by request (stop, controller health action, node shutdown).
+    pub(super) fn on_settled(&mut self, name: &str, _attempt: u32, _state: &str, reason: &str) {
+        let Some(task) = self.tasks.get(name) else {
+            return;
+        };
+        if task.state.is_final()
+            || task.state == TaskState::CrashLoop
+            || task.state == TaskState::Pending
+        {
+            return;
+        }
+        let stop_reason = if task.stop_reason.is_empty() {
+            reason.to_string()
+        } else {
+            task.stop_reason.clone()
+        };
+        match stop_reason.as_str() {
+            "metric_nan" => {
+                self.release(name, TaskState::Failed, "metric_nan");
+                let event = self
+                    .task_event(
+                        name,
+                        "task.failed",
+                        Severity::Error,
+                        "stopped: a metric is NaN or infinite",
+                    )
+                    .with("reason", "metric_nan");
+                self.emit(event);
+            }
+            "node_shutdown" => {
+                // The node is going away; place the task again elsewhere.
+                self.release(name, TaskState::Pending, "node_shutdown");
+                self.pending.push_back(name.to_string());
+                self.batch.place = true;
+            }
+            _ => {
+                self.release(name, TaskState::Stopped, &stop_reason);
+                let event = self
+                    .task_event(
+                        name,
+                        "task.stopped",
+                        Severity::Info,
+                        format!("stopped ({stop_reason})"),
+                    )
+                    .with("reason", stop_reason.clone());
+                self.emit(event);
+                self.resolve_task_incidents(name, "task stopped");
+            }
+        }
+        self.touch(name);
+    }
+
+    /// Moves a task off its node into `state`, freeing its resources.
+    fn release(&mut self, name: &str, state: TaskState, reason: &str) {
+        let task = self.tasks.get_mut(name).expect("released task exists");
+        let held = task.state.holds_node();
+        task.set_state(state, reason);
+        task.stop_reason.clear();
+        task.live.current = None;
+        let record = task.clone();
+        if held {
+            if let Some(node) = self.nodes.get_mut(&record.node) {
+                node.reserve(&record, -1);
+            }
+            self.batch.place = true;
+        }
+        self.touch(name);
+    }
+
+    /// The attempt vanished with its node (lost or agent restarted): place the task again.
+    pub(super) fn attempt_lost(&mut self, name: &str, reason: &str) {
+        let Some(task) = self.tasks.get(name) else {
+            return;
+        };
+        if !task.state.holds_node() {
+            return;
+        }
+        if task.state == TaskState::Stopping {
+            self.on_settled(name, task.attempt, "stopped", reason);
+            return;
+        }
+        let mut ended = task.live.current.clone().unwrap_or_default();
+        ended.task = name.to_string();
+        ended.attempt = task.attempt;
+        ended.node = task.node.clone();
+        ended.ended_ms = now_ms();
+        ended.end_reason = reason.to_string();
+        self.batch.attempts.push(ended);
+        let event = self
+            .task_event(
+                name,
+                "task.restarting",
+                Severity::Warning,
+                format!("attempt lost ({reason}); placing again"),
+            )
+            .with("reason", reason);
+        self.emit(event);
+        self.release(name, TaskState::Pending, reason);
+        self.tasks.get_mut(name).expect("task exists").restarts += 1;
+        self.pending.push_back(name.to_string());
+    }
+
+    pub(super) fn on_report(&mut self, name: &str, attempt: u32, report: v1::Report, ts_ms: i64) {
+        let sample = self.cfg.report_sample;
+        let Some(task) = self.tasks.get_mut(name) else {
+            return;
+        };
+        if attempt != task.attempt || !task.state.holds_node() {
+            return;
+        }
+        let now = Instant::now();
+        task.live.heartbeat = now;
+        task.last_report_ms = ts_ms;
+        if !report.message.is_empty() {
+            task.message = report.message.clone();
+        }
+        for (k, v) in &report.metrics {
+            task.metrics.insert(k.clone(), *v);
+        }
+        let state_changed = !report.state.is_empty() && report.state != task.report_state;
+        if !report.state.is_empty() {
+            task.report_state = report.state.clone();
+        }
+        let progress_moved = match (&task.rules.health.progress_metric, task.live.progress) {
+            (Some(metric), last) => match (report.metrics.get(metric), last) {
+                (Some(&v), Some((prev, _))) if v > prev => Some(v),
+                (Some(&v), None) => Some(v),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(v) = progress_moved {
+            task.live.progress = Some((v, now));
+        }
+        let due = task
+            .live
+            .sampled_at
+            .is_none_or(|t| now.duration_since(t) >= sample);
+        if state_changed || due {
+            task.live.sampled_at = Some(now);
+        }
+        let nan = non_finite(&task.rules.health.nan_metrics, &report.metrics);
+        self.touch(name);
+
+        if state_changed || due {
+            let data_metrics = metrics_json(&report.metrics);
+            let event = self
+                .task_event(name, "task.report", Severity::Info, report.message.clone())
+                .with("state", report.state.clone())
+                .with("metrics", data_metrics)
+                .with("coalesced", report.coalesced);
+            self.emit(event);
+        }
+        if progress_moved.is_some() && self.tasks[name].state == TaskState::Stalled {
+            self.tasks
+                .get_mut(name)
+                .expect("task exists")
+                .set_state(TaskState::Running, "progress");
+            self.resolve_incident(name, "", "progress_stalled", "progress resumed");
+        }
+        self.apply_child_state(name, &report.state);
+        if let Some(metric) = nan {
+            if self.tasks[name].state != TaskState::Stopping {
+                self.metric_nan(name, &metric);
+            }
+        }
+    }
+
+    /// The child's word about itself moves the task's state.
+    fn apply_child_state(&mut self, name: &str, child_state: &str) {
+        let task = &self.tasks[name];
+        if task.state == TaskState::Stopping || !task.state.holds_node() {
+            return;
+        }
+        let next = match child_state {
+            "running" | "starting" | "done" | "failed" if task.state == TaskState::Stalled => {
+                return
+            }
+            "running" | "done" | "failed" => TaskState::Running,
+            "starting" => TaskState::Running,
+            "blocked" => TaskState::Blocked,
+            "needs_help" => TaskState::NeedsHelp,
+            _ => return,
+        };
+        let previous = task.state;
+        if previous == next {
+            return;
+        }
+        let message = task.message.clone();
+        self.tasks
+            .get_mut(name)
+            .expect("task exists")
+            .set_state(next, "report");
+        if next == TaskState::NeedsHelp {
+            self.open_incident(
+                name,
+                "",
+                "needs_help",
+                Severity::Error,
+                &format!("{name} needs help: {message}"),
+            );
+        } else if previous == TaskState::NeedsHelp {
+            self.resolve_incident(name, "", "needs_help", "task reports it is no longer stuck");
+        }
+    }
+
+    fn metric_nan(&mut self, name: &str, metric: &str) {
+        let value = self.tasks[name]
+            .metrics
+            .get(metric)
+            .copied()
+            .unwrap_or(f64::NAN);
+        let message = format!("metric {metric} is {value}; stopping");
+        let event = self
+            .task_event(name, "task.unhealthy", Severity::Error, message.clone())
+            .with("reason", "metric_nan")
+            .with("metric", metric)
+            .with("action", "stop");
+        self.emit(event);
+        self.open_incident(name, "", "metric_nan", Severity::Error, &message);
+        self.request_stop(name, "metric_nan");
+    }
+
+    pub(super) fn on_log_match(&mut self, name: &str, attempt: u32, m: v1::LogMatch) {
+        let Some(task) = self.tasks.get(name) else {
+            return;
+        };
+        if attempt != task.attempt || !task.state.is_alive() {
+            return;
+        }
+        let event = self
+            .task_event(
+                name,
+                "task.unhealthy",
+                Severity::Error,
+                format!("{} matched fail pattern {:?}", m.stream, m.pattern),
+            )
+            .with("reason", "log_pattern")
+            .with("pattern", m.pattern)
+            .with("line", m.line)
+            .with("action", "restart");
+        self.emit(event);
+        self.request_restart(name, "log_pattern");
+    }
+
+    /// Asks the task's node to stop it; `reason` decides the final state on exit.
+    pub(super) fn request_stop(&mut self, name: &str, reason: &str) {
+        let task = self.tasks.get_mut(name).expect("stopped task exists");
+        task.stop_reason = reason.to_string();
+        task.set_state(TaskState::Stopping, reason);
+        let node = task.node.clone();
+        let stop = v1::StopTask {
+            task: name.to_string(),
+            reason: reason.to_string(),
+            attempt: 0,
+        };
+        self.touch(name);
+        self.command(&node, Action::Stop(stop));
+    }
+
+    pub(super) fn request_restart(&mut self, name: &str, reason: &str) {
+        let node = self.tasks[name].node.clone();
+        self.tasks
+            .get_mut(name)
+            .expect("task exists")
+            .live
+            .heartbeat = Instant::now();
+        let restart = v1::RestartTask {
+            task: name.to_string(),
+            reason: reason.to_string(),
+        };
+        self.command(&node, Action::Restart(restart));
+    }
+}
+
+/// The first watched metric that is NaN or infinite; an empty watch list watches all.
+fn non_finite(
+    watched: &[String],
+    metrics: &std::collections::HashMap<String, f64>,
+) -> Option<String> {
+    let mut names: Vec<&String> = metrics
+        .keys()
+        .filter(|k| watched.is_empty() || watched.contains(k))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .find(|k| !metrics[*k].is_finite())
+        .cloned()
+}

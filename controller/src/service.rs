@@ -1,0 +1,4 @@
+//! The gRPC edges of the controller: the node session service and the operator API.
+
+pub mod fleet;
+pub mod node;

@@ -1,0 +1,397 @@
+//! `FleetService`, the operator API. Every error becomes a gRPC status here, in one place.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::{broadcast, oneshot};
+use tonic::{Request, Response, Status};
+
+use muster_proto::spec;
+use muster_proto::v1::{self, fleet_service_server::FleetService};
+
+use crate::core::{self as core_, ApiError, CoreHandle, Input};
+use crate::event::Event;
+use crate::inbox::Inbox;
+
+/// Events one Watch may lag behind before it is cut off with a resume point.
+const WATCH_BUFFER: usize = 1024;
+const READ_LIMIT: u32 = 10_000;
+
+pub struct Fleet {
+    core: CoreHandle,
+    inbox: Arc<Inbox>,
+}
+
+impl Fleet {
+    pub fn new(core: CoreHandle, inbox: Arc<Inbox>) -> Self {
+        Fleet { core, inbox }
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(core_::Reply<T>) -> core_::Request,
+    ) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        if !self.core.send(Input::Request(make(tx))) {
+            return Err(Status::unavailable("controller is shutting down"));
+        }
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(result)) => result.map_err(status),
+            Ok(Err(_)) => Err(Status::unavailable("controller is shutting down")),
+            Err(_) => Err(Status::deadline_exceeded(
+                "controller did not answer in 30s",
+            )),
+        }
+    }
+}
+
+fn status(e: ApiError) -> Status {
+    match e {
+        ApiError::NotFound(m) => Status::not_found(m),
+        ApiError::AlreadyExists(m) => Status::already_exists(m),
+        ApiError::Invalid(m) => Status::invalid_argument(m),
+        ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ApiError::Unavailable(m) => Status::unavailable(m),
+        ApiError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// Who is calling; authentication arrives with the operator API's roles.
+fn caller<T>(request: &Request<T>) -> String {
+    request.remote_addr().map_or_else(
+        || "operator".to_string(),
+        |a| format!("operator@{}", a.ip()),
+    )
+}
+
+fn check_task_name(field: &str, name: &str) -> Result<(), Status> {
+    spec::check_name(name).map_err(|p| Status::invalid_argument(format!("{field} {p}")))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::Event, Status>> + Send>>;
+type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FleetService for Fleet {
+    async fn submit(
+        &self,
+        request: Request<v1::SubmitRequest>,
+    ) -> Result<Response<v1::SubmitResponse>, Status> {
+        let caller = caller(&request);
+        let specs = request.into_inner().tasks;
+        if specs.is_empty() {
+            return Err(Status::invalid_argument(
+                "tasks is empty: submit at least one task",
+            ));
+        }
+        if specs.len() > spec::Limits::TASKS_PER_SUBMIT {
+            return Err(Status::invalid_argument(format!(
+                "tasks has {} entries, at most {} per submit",
+                specs.len(),
+                spec::Limits::TASKS_PER_SUBMIT
+            )));
+        }
+        let mut problems = Vec::new();
+        for (i, s) in specs.iter().enumerate() {
+            if let Err(errors) = spec::validate(s) {
+                let who = if s.name.is_empty() {
+                    format!("tasks[{i}]")
+                } else {
+                    s.name.clone()
+                };
+                problems.extend(errors.into_iter().map(|e| e.within(&who).to_string()));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Status::invalid_argument(problems.join("; ")));
+        }
+        let names = self
+            .ask(|reply| core_::Request::Submit {
+                specs,
+                caller,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(v1::SubmitResponse { names }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<v1::GetTaskRequest>,
+    ) -> Result<Response<v1::Task>, Status> {
+        let name = request.into_inner().name;
+        check_task_name("name", &name)?;
+        let task = self
+            .ask(|reply| core_::Request::Get { name, reply })
+            .await?;
+        Ok(Response::new(task))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<v1::ListTasksRequest>,
+    ) -> Result<Response<v1::ListTasksResponse>, Status> {
+        let filter = request.into_inner();
+        if !filter.state.is_empty() && crate::model::TaskState::parse(&filter.state).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "state {:?} is not a task state",
+                filter.state
+            )));
+        }
+        let tasks = self
+            .ask(|reply| core_::Request::List { filter, reply })
+            .await?;
+        Ok(Response::new(v1::ListTasksResponse { tasks }))
+    }
+
+    async fn stop_task(
+        &self,
+        request: Request<v1::StopTaskRequest>,
+    ) -> Result<Response<v1::StopTaskResponse>, Status> {
+        let caller = caller(&request);
+        let name = request.into_inner().name;
+        check_task_name("name", &name)?;
+        let task = self
+            .ask(|reply| core_::Request::Stop {
+                name,
+                caller,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(v1::StopTaskResponse { task: Some(task) }))
+    }
+
+    async fn restart_task(
+        &self,
+        request: Request<v1::RestartTaskRequest>,
+    ) -> Result<Response<v1::RestartTaskResponse>, Status> {
+        let caller = caller(&request);
+        let name = request.into_inner().name;
+        check_task_name("name", &name)?;
+        let task = self
+            .ask(|reply| core_::Request::Restart {
+                name,
+                caller,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(v1::RestartTaskResponse { task: Some(task) }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<v1::ListNodesRequest>,
+    ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        let nodes = self.ask(|reply| core_::Request::Nodes { reply }).await?;
+        Ok(Response::new(v1::ListNodesResponse { nodes }))
+    }
+
+    async fn read_inbox(
+        &self,
+        request: Request<v1::ReadInboxRequest>,
+    ) -> Result<Response<v1::ReadInboxResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 {
+            1000
+        } else {
+            r.limit.min(READ_LIMIT)
+        } as usize;
+        let inbox = self.inbox.clone();
+        let events = tokio::task::spawn_blocking(move || {
+            inbox.read(r.from_seq, limit, |e| matches(e, &r.task, &r.kind))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::ReadInboxResponse {
+            events: events.iter().map(Event::to_proto).collect(),
+            last_seq: self.inbox.last_seq(),
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        // Subscribe before reading history, so nothing falls between the two.
+        let mut live = self.inbox.subscribe();
+        let inbox = self.inbox.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(async move {
+            let mut next = if r.from_seq == 0 {
+                inbox.last_seq() + 1
+            } else {
+                r.from_seq
+            };
+            // History first, in pages.
+            loop {
+                let page = {
+                    let inbox = inbox.clone();
+                    let (task, kind) = (r.task.clone(), r.kind.clone());
+                    tokio::task::spawn_blocking(move || {
+                        inbox.read(next, 1000, |e| matches(e, &task, &kind))
+                    })
+                    .await
+                };
+                let Ok(Ok(page)) = page else { return };
+                let done = page.len() < 1000;
+                for event in page {
+                    next = event.seq + 1;
+                    if tx.send(Ok(event.to_proto())).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(event) => {
+                        if event.seq < next || !matches(&event, &r.task, &r.kind) {
+                            continue;
+                        }
+                        next = event.seq + 1;
+                        if tx.send(Ok(event.to_proto())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let message = format!("watcher fell behind; resume with from_seq {next}");
+                        let _ = tx.send(Err(Status::resource_exhausted(message))).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list_incidents(
+        &self,
+        request: Request<v1::ListIncidentsRequest>,
+    ) -> Result<Response<v1::ListIncidentsResponse>, Status> {
+        let all = request.into_inner().all;
+        let incidents = self
+            .ask(|reply| core_::Request::Incidents { all, reply })
+            .await?;
+        Ok(Response::new(v1::ListIncidentsResponse { incidents }))
+    }
+
+    async fn ack_incident(
+        &self,
+        request: Request<v1::AckIncidentRequest>,
+    ) -> Result<Response<v1::Incident>, Status> {
+        let caller = caller(&request);
+        let id = request.into_inner().id;
+        if id == 0 {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        let incident = self
+            .ask(|reply| core_::Request::Ack { id, caller, reply })
+            .await?;
+        Ok(Response::new(incident))
+    }
+
+    type TailLogsStream = LogStream;
+
+    async fn tail_logs(
+        &self,
+        request: Request<v1::TailLogsRequest>,
+    ) -> Result<Response<LogStream>, Status> {
+        let r = request.into_inner();
+        check_task_name("task", &r.task)?;
+        let stream = match r.stream.as_str() {
+            "" | "stdout" => "stdout",
+            "stderr" => "stderr",
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "stream {other:?} is not stdout or stderr"
+                )))
+            }
+        };
+        let tail = if r.tail_bytes == 0 {
+            16 * 1024
+        } else {
+            r.tail_bytes.min(16 << 20)
+        };
+        let fetch = |offset: i64| {
+            let request = v1::LogRequest {
+                id: 0,
+                task: r.task.clone(),
+                stream: stream.into(),
+                offset,
+                max_bytes: 256 * 1024,
+            };
+            self.ask(move |reply| core_::Request::Log { request, reply })
+        };
+        // The first chunk answers errors (unknown task, node away) before the stream starts.
+        let first = fetch(-(tail as i64)).await?;
+        let core = self.core.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (task, follow) = (r.task.clone(), r.follow);
+        tokio::spawn(async move {
+            let mut offset = first.next_offset;
+            let mut remaining = tail.saturating_sub(first.data.len() as u64);
+            let had_data = !first.data.is_empty();
+            if had_data && tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                if !follow && remaining == 0 {
+                    return;
+                }
+                let (reply, rx_chunk) = oneshot::channel();
+                let request = v1::LogRequest {
+                    id: 0,
+                    task: task.clone(),
+                    stream: stream.into(),
+                    offset: offset as i64,
+                    max_bytes: 256 * 1024,
+                };
+                if !core.send(Input::Request(core_::Request::Log { request, reply })) {
+                    return;
+                }
+                let chunk = match tokio::time::timeout(Duration::from_secs(30), rx_chunk).await {
+                    Ok(Ok(Ok(chunk))) => chunk,
+                    Ok(Ok(Err(e))) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                    _ => return,
+                };
+                let empty = chunk.data.is_empty();
+                remaining = remaining.saturating_sub(chunk.data.len() as u64);
+                offset = chunk.next_offset;
+                if !empty && tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+                if empty {
+                    if !follow {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn matches(event: &Event, task: &str, kind: &str) -> bool {
+    (task.is_empty() || event.task == task)
+        && (kind.is_empty() || event.kind == kind || event.kind.starts_with(&format!("{kind}.")))
+}

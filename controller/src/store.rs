@@ -1,0 +1,286 @@
+//! The state store: tasks, attempts, incidents and nodes in one SQLite database (WAL),
+//! written in one transaction per batch of work (group commit).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use prost::Message;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use muster_proto::v1;
+
+use crate::model::{Incident, NodeMemory, TaskRecord, TaskState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state database holds a task spec that does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    name TEXT PRIMARY KEY, spec BLOB NOT NULL, state TEXT NOT NULL, node TEXT NOT NULL,
+    attempt INTEGER NOT NULL, parent TEXT NOT NULL, root TEXT NOT NULL, metrics TEXT NOT NULL,
+    message TEXT NOT NULL, reason TEXT NOT NULL, report_state TEXT NOT NULL,
+    restarts INTEGER NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+    last_report_ms INTEGER NOT NULL, stop_reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    task TEXT NOT NULL, attempt INTEGER NOT NULL, node TEXT NOT NULL, pid INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL, ended_ms INTEGER NOT NULL, exit_code INTEGER, signal INTEGER,
+    end_reason TEXT NOT NULL, error TEXT NOT NULL, PRIMARY KEY (task, attempt));
+CREATE TABLE IF NOT EXISTS incidents (
+    id INTEGER PRIMARY KEY, task TEXT NOT NULL, node TEXT NOT NULL, reason TEXT NOT NULL,
+    state TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL,
+    opened_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, resolved_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY, instance TEXT NOT NULL, acked_seq INTEGER NOT NULL);
+";
+
+/// Everything a batch changed, written together.
+#[derive(Default)]
+pub struct Changes {
+    pub tasks: Vec<TaskRecord>,
+    pub attempts: Vec<v1::Attempt>,
+    pub incidents: Vec<Incident>,
+    pub nodes: Vec<(String, NodeMemory)>,
+    pub meta: Vec<(&'static str, i64)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+            && self.attempts.is_empty()
+            && self.incidents.is_empty()
+            && self.nodes.is_empty()
+            && self.meta.is_empty()
+    }
+}
+
+/// What the controller had when it stopped.
+pub struct Loaded {
+    pub tasks: Vec<TaskRecord>,
+    pub incidents: Vec<Incident>,
+    pub nodes: HashMap<String, NodeMemory>,
+    pub meta: HashMap<String, i64>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // The inbox is fsynced before every commit; NORMAL keeps WAL commits durable
+        // against process crashes and cheap.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        let meta = self
+            .conn
+            .prepare("SELECT key, value FROM meta")?
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<HashMap<_, _>, _>>()?;
+
+        let mut tasks = Vec::new();
+        let mut stmt = self.conn.prepare(
+            "SELECT spec, state, node, attempt, parent, root, metrics, message, reason, report_state,
+                    restarts, created_ms, updated_ms, last_report_ms, stop_reason FROM tasks",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let spec = v1::TaskSpec::decode(r.get::<_, Vec<u8>>(0)?.as_slice())?;
+            let metrics: HashMap<String, f64> =
+                serde_json::from_str::<HashMap<String, serde_json::Value>>(&r.get::<_, String>(6)?)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(k, v)| decode_metric(&v).map(|f| (k, f)))
+                    .collect();
+            let mut task = TaskRecord::new(spec, r.get(4)?, r.get(5)?, r.get(11)?);
+            task.state = TaskState::parse(&r.get::<_, String>(1)?).unwrap_or(TaskState::Pending);
+            task.node = r.get(2)?;
+            task.attempt = r.get(3)?;
+            task.metrics = metrics;
+            task.message = r.get(7)?;
+            task.reason = r.get(8)?;
+            task.report_state = r.get(9)?;
+            task.restarts = r.get(10)?;
+            task.updated_ms = r.get(12)?;
+            task.last_report_ms = r.get(13)?;
+            task.stop_reason = r.get(14)?;
+            tasks.push(task);
+        }
+
+        let incidents = self
+            .conn
+            .prepare("SELECT id, task, node, reason, state, severity, message, opened_ms, updated_ms, resolved_ms FROM incidents WHERE state != 'resolved'")?
+            .query_map([], |r| {
+                Ok(Incident {
+                    id: r.get::<_, i64>(0)? as u64,
+                    task: r.get(1)?,
+                    node: r.get(2)?,
+                    reason: r.get(3)?,
+                    state: r.get(4)?,
+                    severity: r.get(5)?,
+                    message: r.get(6)?,
+                    opened_ms: r.get(7)?,
+                    updated_ms: r.get(8)?,
+                    resolved_ms: r.get(9)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let nodes = self
+            .conn
+            .prepare("SELECT name, instance, acked_seq FROM nodes")?
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    NodeMemory {
+                        instance: r.get(1)?,
+                        acked_seq: r.get::<_, i64>(2)? as u64,
+                    },
+                ))
+            })?
+            .collect::<Result<HashMap<_, _>, _>>()?;
+
+        Ok(Loaded {
+            tasks,
+            incidents,
+            nodes,
+            meta,
+        })
+    }
+
+    /// Writes a batch's changes in one transaction.
+    pub fn commit(&mut self, changes: &Changes) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        {
+            let mut put_task = tx.prepare_cached(
+                "INSERT OR REPLACE INTO tasks VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )?;
+            for t in &changes.tasks {
+                put_task.execute(params![
+                    t.spec.name,
+                    t.spec.encode_to_vec(),
+                    t.state.as_str(),
+                    t.node,
+                    t.attempt,
+                    t.parent,
+                    t.root,
+                    crate::event::metrics_json(&t.metrics).to_string(),
+                    t.message,
+                    t.reason,
+                    t.report_state,
+                    t.restarts,
+                    t.created_ms,
+                    t.updated_ms,
+                    t.last_report_ms,
+                    t.stop_reason,
+                ])?;
+            }
+            let mut put_attempt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO attempts VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for a in &changes.attempts {
+                put_attempt.execute(params![
+                    a.task,
+                    a.attempt,
+                    a.node,
+                    a.pid,
+                    a.started_ms,
+                    a.ended_ms,
+                    a.exit_code,
+                    a.signal,
+                    a.end_reason,
+                    a.error
+                ])?;
+            }
+            let mut put_incident = tx.prepare_cached(
+                "INSERT OR REPLACE INTO incidents VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for i in &changes.incidents {
+                put_incident.execute(params![
+                    i.id as i64,
+                    i.task,
+                    i.node,
+                    i.reason,
+                    i.state,
+                    i.severity,
+                    i.message,
+                    i.opened_ms,
+                    i.updated_ms,
+                    i.resolved_ms
+                ])?;
+            }
+            let mut put_node =
+                tx.prepare_cached("INSERT OR REPLACE INTO nodes VALUES (?1, ?2, ?3)")?;
+            for (name, n) in &changes.nodes {
+                put_node.execute(params![name, n.instance, n.acked_seq as i64])?;
+            }
+            let mut put_meta = tx.prepare_cached("INSERT OR REPLACE INTO meta VALUES (?1, ?2)")?;
+            for (key, value) in &changes.meta {
+                put_meta.execute(params![key, value])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn attempts(&self, task: &str) -> Result<Vec<v1::Attempt>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT task, attempt, node, pid, started_ms, ended_ms, exit_code, signal, end_reason, error
+             FROM attempts WHERE task = ?1 ORDER BY attempt",
+        )?;
+        let rows = stmt.query_map([task], attempt_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn attempt(&self, task: &str, attempt: u32) -> Result<Option<v1::Attempt>, StoreError> {
+        Ok(self.attempts_one(task, attempt).optional()?)
+    }
+
+    fn attempts_one(&self, task: &str, attempt: u32) -> rusqlite::Result<v1::Attempt> {
+        self.conn.query_row(
+            "SELECT task, attempt, node, pid, started_ms, ended_ms, exit_code, signal, end_reason, error
+             FROM attempts WHERE task = ?1 AND attempt = ?2",
+            params![task, attempt],
+            attempt_row,
+        )
+    }
+}
+
+fn attempt_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<v1::Attempt> {
+    Ok(v1::Attempt {
+        task: r.get(0)?,
+        attempt: r.get(1)?,
+        node: r.get(2)?,
+        pid: r.get(3)?,
+        started_ms: r.get(4)?,
+        ended_ms: r.get(5)?,
+        exit_code: r.get(6)?,
+        signal: r.get(7)?,
+        end_reason: r.get(8)?,
+        error: r.get(9)?,
+    })
+}
+
+fn decode_metric(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) if s == "NaN" => Some(f64::NAN),
+        serde_json::Value::String(s) if s == "Infinity" => Some(f64::INFINITY),
+        serde_json::Value::String(s) if s == "-Infinity" => Some(f64::NEG_INFINITY),
+        _ => None,
+    }
+}
