@@ -1,1 +1,611 @@
-fn main() {}
+//! `muster`: the operator command line, the local fleet launcher and the child's reporter.
+
+// Unsafe code is denied except for the one `pre_exec` in `up`, which says why.
+#![deny(unsafe_code)]
+
+mod client;
+mod output;
+mod report;
+mod up;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_stream::StreamExt;
+
+use muster_proto::v1;
+
+use crate::client::{Client, Failure};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "muster",
+    version,
+    about = "Keep a fleet of long-running agents alive",
+    propagate_version = true
+)]
+struct Cli {
+    /// Controller URL (default: $MUSTER_CONTROLLER, then the local `muster up` fleet).
+    #[arg(long, global = true, env = "MUSTER_CONTROLLER")]
+    controller: Option<String>,
+    /// Data dir of the local fleet, where `muster up` keeps state and logs.
+    #[arg(long, global = true, default_value = "./.muster")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a local fleet (controller and node agents) and run an example.
+    Up {
+        /// Number of node agents.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// Slots per node agent.
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+        /// Example to run, from examples/NAME/sweep.toml.
+        #[arg(long, default_value = "ml-sweep", conflicts_with = "no_example")]
+        example: String,
+        /// Start the fleet without submitting an example.
+        #[arg(long)]
+        no_example: bool,
+        /// Exit 0 once every submitted task has settled (final state or crash_loop).
+        #[arg(long)]
+        exit_when_done: bool,
+    },
+    /// Submit a task or sweep file (TOML); nothing is submitted if any task has an error.
+    Submit {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command as a task: muster run --name NAME [options] -- CMD ARGS...
+    Run(RunArgs),
+    /// List tasks.
+    Ls {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        node: Option<String>,
+        /// Only tasks with this label, key=value (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        parent: Option<String>,
+        #[arg(long)]
+        root: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one task with its attempts.
+    Show {
+        task: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List nodes.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's output.
+    Logs {
+        task: String,
+        /// Keep printing new output.
+        #[arg(long, short)]
+        follow: bool,
+        /// Show stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// Bytes from the end to start with.
+        #[arg(long, default_value_t = 16384)]
+        tail: u64,
+    },
+    /// Stop a task.
+    Stop {
+        task: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restart a task (a final or crash-looping task is placed again).
+    Restart {
+        task: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read the inbox: every event the controller recorded.
+    Inbox {
+        /// Keep printing new events.
+        #[arg(long, short)]
+        follow: bool,
+        /// First sequence number (default: the last 50 events).
+        #[arg(long)]
+        since: Option<u64>,
+        #[arg(long)]
+        task: Option<String>,
+        /// Event kind, or a prefix such as "task" or "incident".
+        #[arg(long)]
+        kind: Option<String>,
+        /// Inbox lines as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List open incidents.
+    Incidents {
+        /// Include resolved incidents.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Acknowledge an incident.
+    Ack { id: u64 },
+    /// Inside a task: append a status line to $MUSTER_STATUS_FILE.
+    Report {
+        /// starting, running, blocked, needs_help, done or failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        message: Option<String>,
+        /// A metric, key=value (repeatable).
+        #[arg(long = "metric")]
+        metrics: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[arg(long)]
+    name: String,
+    /// Working directory (default: the current one).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Environment variable, KEY=VALUE (repeatable).
+    #[arg(long = "env")]
+    env: Vec<String>,
+    /// Task label, key=value (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Node label the task needs, key=value (repeatable).
+    #[arg(long = "node-label")]
+    node_labels: Vec<String>,
+    #[arg(long)]
+    slots: Option<u32>,
+    /// always, on-failure or never.
+    #[arg(long)]
+    restart: Option<String>,
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    #[arg(long)]
+    backoff_initial: Option<String>,
+    #[arg(long)]
+    backoff_max: Option<String>,
+    #[arg(long)]
+    heartbeat_timeout: Option<String>,
+    /// Stop grace before SIGKILL.
+    #[arg(long)]
+    grace: Option<String>,
+    /// Run the command through sh -c.
+    #[arg(long)]
+    shell: bool,
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments, after --.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("muster: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let connect = || async {
+        client::connect(&client::resolve(cli.controller.as_deref(), &cli.data_dir)?).await
+    };
+    match cli.command {
+        Cmd::Up {
+            nodes,
+            slots,
+            example,
+            no_example,
+            exit_when_done,
+        } => {
+            if nodes == 0 || slots == 0 {
+                return Err(Failure::usage("--nodes and --slots must be at least 1"));
+            }
+            let example = (!no_example).then_some(example);
+            up::run(up::UpArgs {
+                data_dir: cli.data_dir.clone(),
+                nodes,
+                slots,
+                example,
+                exit_when_done,
+            })
+            .await
+        }
+        Cmd::Report {
+            state,
+            message,
+            metrics,
+        } => report::run(state, message, metrics),
+        Cmd::Submit { file, json } => {
+            let specs = load_specs(&file)?;
+            let names = connect()
+                .await?
+                .submit(v1::SubmitRequest { tasks: specs })
+                .await?
+                .into_inner()
+                .names;
+            if json {
+                print_json(&serde_json::json!({ "submitted": names }));
+            } else {
+                println!(
+                    "submitted {} task{}: {}",
+                    names.len(),
+                    if names.len() == 1 { "" } else { "s" },
+                    names.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Cmd::Run(args) => {
+            let json = args.json;
+            let spec = run_spec(args)?;
+            let names = connect()
+                .await?
+                .submit(v1::SubmitRequest { tasks: vec![spec] })
+                .await?
+                .into_inner()
+                .names;
+            if json {
+                print_json(&serde_json::json!({ "submitted": names }));
+            } else {
+                println!("submitted {}", names.join(", "));
+            }
+            Ok(())
+        }
+        Cmd::Ls {
+            state,
+            node,
+            labels,
+            parent,
+            root,
+            json,
+        } => {
+            let filter = v1::ListTasksRequest {
+                state: state.unwrap_or_default(),
+                node: node.unwrap_or_default(),
+                labels: pairs("--label", &labels)?,
+                parent: parent.unwrap_or_default(),
+                root: root.unwrap_or_default(),
+            };
+            let tasks = connect()
+                .await?
+                .list_tasks(filter)
+                .await?
+                .into_inner()
+                .tasks;
+            if json {
+                print_json(&serde_json::Value::Array(
+                    tasks.iter().map(output::task_json).collect(),
+                ));
+            } else {
+                print!("{}", output::tasks_table(&tasks, 200));
+            }
+            Ok(())
+        }
+        Cmd::Show { task, json } => {
+            let task = connect()
+                .await?
+                .get_task(v1::GetTaskRequest { name: task })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&output::task_json(&task));
+            } else {
+                print!("{}", output::show_task(&task));
+            }
+            Ok(())
+        }
+        Cmd::Nodes { json } => {
+            let nodes = connect()
+                .await?
+                .list_nodes(v1::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes;
+            if json {
+                print_json(&serde_json::Value::Array(
+                    nodes.iter().map(output::node_json).collect(),
+                ));
+            } else {
+                print!("{}", output::nodes_table(&nodes));
+            }
+            Ok(())
+        }
+        Cmd::Logs {
+            task,
+            follow,
+            stderr,
+            tail,
+        } => {
+            let request = v1::TailLogsRequest {
+                task,
+                stream: if stderr { "stderr" } else { "stdout" }.into(),
+                tail_bytes: tail.max(1),
+                follow,
+            };
+            let mut stream = connect().await?.tail_logs(request).await?.into_inner();
+            let mut stdout = std::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                if stdout
+                    .write_all(&chunk.data)
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        Cmd::Stop { task, json } => {
+            let task = connect()
+                .await?
+                .stop_task(v1::StopTaskRequest { name: task })
+                .await?
+                .into_inner()
+                .task
+                .unwrap_or_default();
+            print_task_result(&task, json, "stopping");
+            Ok(())
+        }
+        Cmd::Restart { task, json } => {
+            let task = connect()
+                .await?
+                .restart_task(v1::RestartTaskRequest { name: task })
+                .await?
+                .into_inner()
+                .task
+                .unwrap_or_default();
+            print_task_result(&task, json, "restarting");
+            Ok(())
+        }
+        Cmd::Inbox {
+            follow,
+            since,
+            task,
+            kind,
+            json,
+        } => inbox(connect().await?, follow, since, task, kind, json).await,
+        Cmd::Incidents { all, json } => {
+            let incidents = connect()
+                .await?
+                .list_incidents(v1::ListIncidentsRequest { all })
+                .await?
+                .into_inner()
+                .incidents;
+            if json {
+                print_json(&serde_json::Value::Array(
+                    incidents.iter().map(output::incident_json).collect(),
+                ));
+            } else {
+                let rows: Vec<Vec<String>> = incidents
+                    .iter()
+                    .map(|i| {
+                        let subject = if i.task.is_empty() {
+                            i.node.clone()
+                        } else {
+                            i.task.clone()
+                        };
+                        vec![
+                            i.id.to_string(),
+                            i.state.clone(),
+                            i.severity.clone(),
+                            i.reason.clone(),
+                            subject,
+                            output::ago(i.opened_ms),
+                            i.message.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(
+                        &["ID", "STATE", "SEVERITY", "REASON", "SUBJECT", "OPENED", "MESSAGE"],
+                        &rows
+                    )
+                );
+            }
+            Ok(())
+        }
+        Cmd::Ack { id } => {
+            let incident = connect()
+                .await?
+                .ack_incident(v1::AckIncidentRequest { id })
+                .await?
+                .into_inner();
+            println!("incident {} {}", incident.id, incident.state);
+            Ok(())
+        }
+    }
+}
+
+fn print_task_result(task: &v1::Task, json: bool, verb: &str) {
+    if json {
+        print_json(&output::task_json(task));
+    } else {
+        let name = task.spec.as_ref().map_or("", |s| s.name.as_str());
+        println!("{name}: {} ({verb})", task.state);
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialize")
+    );
+}
+
+async fn inbox(
+    mut client: Client,
+    follow: bool,
+    since: Option<u64>,
+    task: Option<String>,
+    kind: Option<String>,
+    json: bool,
+) -> Result<(), Failure> {
+    let (task, kind) = (task.unwrap_or_default(), kind.unwrap_or_default());
+    let print = |e: &v1::Event| {
+        let line = if json {
+            output::event_json(e).to_string()
+        } else {
+            output::event_line(e)
+        };
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+    };
+    let from = match since {
+        Some(seq) => seq,
+        None => {
+            let last = client
+                .read_inbox(v1::ReadInboxRequest {
+                    from_seq: u64::MAX,
+                    limit: 1,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .last_seq;
+            last.saturating_sub(49).max(1)
+        }
+    };
+    if follow {
+        let mut stream = client
+            .watch(v1::WatchRequest {
+                from_seq: from,
+                task,
+                kind,
+            })
+            .await?
+            .into_inner();
+        while let Some(event) = stream.next().await {
+            print(&event?);
+        }
+        return Ok(());
+    }
+    let mut next = from;
+    loop {
+        let page = client
+            .read_inbox(v1::ReadInboxRequest {
+                from_seq: next,
+                limit: 1000,
+                task: task.clone(),
+                kind: kind.clone(),
+            })
+            .await?
+            .into_inner();
+        for event in &page.events {
+            print(event);
+            next = event.seq + 1;
+        }
+        if page.events.len() < 1000 {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads a task or sweep file; relative workdirs are resolved against its directory.
+pub fn load_specs(path: &Path) -> Result<Vec<v1::TaskSpec>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
+    let base = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    muster_proto::spec::parse_file(&text, &base)
+        .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))
+}
+
+fn pairs(flag: &str, items: &[String]) -> Result<HashMap<String, String>, Failure> {
+    items
+        .iter()
+        .map(|item| {
+            item.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| Failure::usage(format!("{flag} {item:?} is not key=value")))
+        })
+        .collect()
+}
+
+fn run_spec(args: RunArgs) -> Result<v1::TaskSpec, Failure> {
+    let workdir = match args.workdir {
+        Some(dir) => std::path::absolute(&dir)
+            .map_err(|e| Failure::usage(format!("--workdir {}: {e}", dir.display())))?,
+        None => std::env::current_dir()
+            .map_err(|e| Failure::failed(format!("current directory: {e}")))?,
+    };
+    let restart = (args.restart.is_some()
+        || args.max_restarts.is_some()
+        || args.backoff_initial.is_some()
+        || args.backoff_max.is_some())
+    .then(|| v1::RestartSpec {
+        policy: args.restart.unwrap_or_default(),
+        backoff_initial: args.backoff_initial.unwrap_or_default(),
+        backoff_max: args.backoff_max.unwrap_or_default(),
+        max_restarts: args.max_restarts,
+        window: String::new(),
+    });
+    let spec = v1::TaskSpec {
+        name: args.name,
+        command: args.command,
+        shell: args.shell,
+        workdir: workdir.to_string_lossy().into_owned(),
+        env: pairs("--env", &args.env)?,
+        labels: pairs("--label", &args.labels)?,
+        resources: args.slots.map(|slots| v1::Resources {
+            slots,
+            ..Default::default()
+        }),
+        placement: (!args.node_labels.is_empty())
+            .then(|| {
+                Ok::<_, Failure>(v1::Placement {
+                    labels: pairs("--node-label", &args.node_labels)?,
+                })
+            })
+            .transpose()?,
+        restart,
+        health: args.heartbeat_timeout.map(|t| v1::HealthSpec {
+            heartbeat_timeout: t,
+            ..Default::default()
+        }),
+        stop: args.grace.map(|grace| v1::StopSpec { grace }),
+    };
+    muster_proto::spec::validate(&spec).map_err(|errors| {
+        Failure::usage(
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    Ok(spec)
+}

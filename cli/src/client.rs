@@ -1,0 +1,105 @@
+//! Reaching the controller: the address from the flag, the environment or the local fleet,
+//! and gRPC errors turned into one readable line and an exit code.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use muster_proto::v1::fleet_service_client::FleetServiceClient;
+
+/// A failure the CLI reports: message for stderr, process exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub code: u8,
+}
+
+impl Failure {
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const NOT_FOUND: u8 = 3;
+    pub const DENIED: u8 = 4;
+
+    pub fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            code,
+        }
+    }
+
+    pub fn failed(message: impl Into<String>) -> Failure {
+        Failure::new(Self::FAILED, message)
+    }
+
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure::new(Self::USAGE, message)
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Failure {
+        use tonic::Code;
+        let code = match status.code() {
+            Code::InvalidArgument | Code::AlreadyExists => Failure::USAGE,
+            Code::NotFound => Failure::NOT_FOUND,
+            Code::PermissionDenied | Code::Unauthenticated => Failure::DENIED,
+            _ => Failure::FAILED,
+        };
+        let message = match status.code() {
+            Code::Unavailable
+                if status.message().contains("transport") || status.message().is_empty() =>
+            {
+                "controller unreachable (is it running? see --controller)".to_string()
+            }
+            _ => status.message().to_string(),
+        };
+        Failure { message, code }
+    }
+}
+
+pub type Client = FleetServiceClient<Channel>;
+
+/// The controller URL: `--controller`, else `MUSTER_CONTROLLER` (both via clap), else the
+/// local fleet that `muster up` runs from `data_dir`.
+pub fn resolve(flag: Option<&str>, data_dir: &Path) -> Result<String, Failure> {
+    if let Some(url) = flag.filter(|u| !u.is_empty()) {
+        return Ok(url.to_string());
+    }
+    let addr_file = data_dir.join("controller").join("controller.addr");
+    match std::fs::read_to_string(&addr_file) {
+        Ok(url) => Ok(url.trim().to_string()),
+        Err(_) => Err(Failure::usage(format!(
+            "no controller given: pass --controller URL, set MUSTER_CONTROLLER, or start a local fleet with `muster up` (looked for {})",
+            addr_file.display()
+        ))),
+    }
+}
+
+pub async fn connect(url: &str) -> Result<Client, Failure> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|_| {
+            Failure::usage(format!(
+                "controller address {url:?} is not a URL like http://127.0.0.1:7070"
+            ))
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| {
+        Failure::failed(format!(
+            "cannot reach the controller at {url}: {}",
+            root_cause(&e)
+        ))
+    })?;
+    Ok(FleetServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
