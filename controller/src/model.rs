@@ -131,6 +131,8 @@ pub struct Live {
     pub sampled_at: Option<Instant>,
     /// When the node of the attempt was lost.
     pub lost_at: Option<Instant>,
+    /// A pending task is not placed before this.
+    pub not_before: Option<Instant>,
 }
 
 impl TaskRecord {
@@ -164,6 +166,7 @@ impl TaskRecord {
                 progress_scheduled: false,
                 sampled_at: None,
                 lost_at: None,
+                not_before: None,
             },
         }
     }
@@ -209,6 +212,8 @@ pub enum NodeState {
     Ready,
     Suspect,
     Lost,
+    /// Shutting down: keeps its session, takes no new task.
+    Draining,
 }
 
 impl NodeState {
@@ -217,6 +222,7 @@ impl NodeState {
             NodeState::Ready => "ready",
             NodeState::Suspect => "suspect",
             NodeState::Lost => "lost",
+            NodeState::Draining => "draining",
         }
     }
 }

@@ -154,6 +154,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         let mut batch = NodeBatch {
             events: self.ctx.outbox.take_unsent(MAX_BATCH_EVENTS),
+            draining: self.supervisor.is_shutting_down(),
             ..Default::default()
         };
         for extra in extras {

@@ -27,6 +27,7 @@ pub struct Supervisor {
     /// does not run a finished attempt twice.
     finished: Mutex<HashMap<String, u32>>,
     idle: tokio::sync::Notify,
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Supervisor {
@@ -36,6 +37,7 @@ impl Supervisor {
             tasks: Mutex::new(HashMap::new()),
             finished: Mutex::new(HashMap::new()),
             idle: tokio::sync::Notify::new(),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -50,6 +52,17 @@ impl Supervisor {
         })?;
         let name = spec.name.clone();
         let mut tasks = self.tasks.lock().expect("task table poisoned");
+        if self.is_shutting_down() {
+            // Hand the task back at once so the controller places it elsewhere.
+            let settled = Settled {
+                state: "stopped".into(),
+                reason: "node_shutdown".into(),
+            };
+            self.ctx
+                .outbox
+                .push(&name, cmd.attempt, Kind::Settled(settled));
+            return Err("node is shutting down".into());
+        }
         if let Some(handle) = tasks.get(&name) {
             let running = handle.status.lock().expect("run status poisoned").attempt;
             return if running >= cmd.attempt {
@@ -162,8 +175,19 @@ impl Supervisor {
         self.len() == 0
     }
 
-    /// Stops every task and waits, at most `deadline`, until all have ended.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Refuses new tasks, stops every task and waits, at most `deadline`, until all have
+    /// ended.
     pub async fn stop_all(&self, reason: &str, deadline: Duration) -> bool {
+        // Set under the task table lock, so no start slips in between.
+        {
+            let _tasks = self.tasks.lock().expect("task table poisoned");
+            self.shutting_down
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let wait = async {
             loop {
                 let idle = self.idle.notified();

@@ -164,6 +164,11 @@ impl Core {
             record.state = NodeState::Ready;
         }
 
+        if batch.draining && record.state != NodeState::Draining {
+            record.state = NodeState::Draining;
+            tracing::info!(node, "node draining");
+        }
+
         let mut acked = record.memory.acked_seq;
         for event in batch.events {
             if event.seq <= acked {
@@ -244,7 +249,11 @@ impl Core {
         for node in self.nodes.values_mut() {
             let silent = now.duration_since(node.last_seen);
             match node.state {
-                NodeState::Ready if silent > timeout / 2 => node.state = NodeState::Suspect,
+                // A draining node that closed its session left on purpose: no incident.
+                NodeState::Draining if node.session.is_none() => {}
+                NodeState::Ready | NodeState::Draining if silent > timeout / 2 => {
+                    node.state = NodeState::Suspect
+                }
                 NodeState::Suspect if silent > timeout => {
                     node.state = NodeState::Lost;
                     node.session = None;

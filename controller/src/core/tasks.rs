@@ -29,6 +29,10 @@ impl Core {
             if task.state != TaskState::Pending {
                 continue;
             }
+            if task.live.not_before.is_some_and(|t| t > Instant::now()) {
+                waiting.push_back(name);
+                continue;
+            }
             let best = self
                 .nodes
                 .values()
@@ -264,10 +268,12 @@ impl Core {
                 self.emit(event);
             }
             "node_shutdown" => {
-                // The node is going away; place the task again elsewhere.
+                // The node is going away; place the task again elsewhere, after a tick, so
+                // that nodes shutting down at the same moment have said they are draining.
                 self.release(name, TaskState::Pending, "node_shutdown");
+                let task = self.tasks.get_mut(name).expect("task exists");
+                task.live.not_before = Some(Instant::now() + self.cfg.tick);
                 self.pending.push_back(name.to_string());
-                self.batch.place = true;
             }
             _ => {
                 self.release(name, TaskState::Stopped, &stop_reason);
