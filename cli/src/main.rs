@@ -374,7 +374,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner()
                 .task
                 .unwrap_or_default();
-            print_task_result(&task, json, "stopping");
+            print_task_result(&task, json, "stop");
             Ok(())
         }
         Cmd::Restart { task, json } => {
@@ -385,7 +385,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner()
                 .task
                 .unwrap_or_default();
-            print_task_result(&task, json, "restarting");
+            print_task_result(&task, json, "restart");
             Ok(())
         }
         Cmd::Inbox {
@@ -453,7 +453,7 @@ fn print_task_result(task: &v1::Task, json: bool, verb: &str) {
         print_json(&output::task_json(task));
     } else {
         let name = task.spec.as_ref().map_or("", |s| s.name.as_str());
-        println!("{name}: {} ({verb})", task.state);
+        println!("{name}: {verb} requested; state now {}", task.state);
     }
 }
 

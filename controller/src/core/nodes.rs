@@ -101,10 +101,20 @@ impl Core {
                 t.node == node && t.state.holds_node() && t.attempt <= attempt.attempt
             });
             if belongs {
-                if let Some(t) = self.tasks.get_mut(&attempt.task) {
-                    // A returning node's tasks were pending re-placement; they are back.
-                    t.live.lost_at = None;
-                    t.live.heartbeat = Instant::now();
+                let Some(t) = self.tasks.get_mut(&attempt.task) else {
+                    continue;
+                };
+                // A returning node's tasks were pending re-placement; they are back.
+                t.live.lost_at = None;
+                t.live.heartbeat = Instant::now();
+                if t.state == TaskState::Stopping {
+                    // The stop may have been lost with the old session: ask again.
+                    let stop = v1::StopTask {
+                        task: attempt.task.clone(),
+                        reason: t.stop_reason.clone(),
+                        attempt: 0,
+                    };
+                    self.command(node, Action::Stop(stop));
                 }
                 continue;
             }
