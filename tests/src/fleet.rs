@@ -216,6 +216,27 @@ impl Fleet {
         wait_child(&mut child, START_DEADLINE)
     }
 
+    /// Signals a node agent and waits for it to exit (SIGKILL after the deadline).
+    pub fn kill_node_agent(&mut self, name: &str, signal: Signal) -> Option<ExitStatus> {
+        let index = self
+            .agents
+            .iter()
+            .position(|a| a.name == name)
+            .unwrap_or_else(|| panic!("no running node agent {name}"));
+        let mut agent = self.agents.remove(index);
+        signal_pid(agent.child.id() as i32, signal);
+        wait_child(&mut agent.child, Duration::from_secs(30))
+    }
+
+    /// The pid of a running node agent.
+    pub fn node_agent_pid(&self, name: &str) -> i32 {
+        self.agents
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.child.id() as i32)
+            .unwrap_or_else(|| panic!("no running node agent {name}"))
+    }
+
     pub fn controller_pid(&self) -> Option<u32> {
         self.controller.as_ref().map(Child::id)
     }
@@ -374,6 +395,8 @@ impl Fleet {
         // Node agents first, so they stop their tasks; each test task has a short grace.
         for agent in &self.agents {
             signal_pid(agent.child.id() as i32, Signal::SIGTERM);
+            // A test may have left it stopped (SIGSTOP) to cut it off.
+            signal_pid(agent.child.id() as i32, Signal::SIGCONT);
         }
         for agent in &mut self.agents {
             if wait_child(&mut agent.child, Duration::from_secs(30)).is_none() {

@@ -121,3 +121,46 @@ fn silent_task_is_restarted_and_resumes_from_its_checkpoint() {
         "live metrics went back: {task:#}"
     );
 }
+
+const ASKS_FOR_HELP: &str = r#"
+name = "stuck"
+shell = true
+command = ['''
+echo '{"state":"needs_help","message":"which dataset?"}' >> "$MUSTER_STATUS_FILE"
+sleep 1000
+''']
+[stop]
+grace = "1s"
+"#;
+
+#[test]
+fn needs_help_report_opens_an_incident_that_can_be_acked() {
+    let fleet = Fleet::start(1, FleetOptions::default());
+
+    fleet.submit_toml("stuck", ASKS_FOR_HELP);
+    let task = fleet.wait_for_task_state("stuck", "needs_help", TASK_DEADLINE);
+    let opened = fleet.wait_for_event(
+        |e| is_event(e, "incident.opened", "stuck") && reason(e) == "needs_help",
+        TASK_DEADLINE,
+    );
+    let incidents = fleet.muster_json(&["incidents", "--json"]);
+    let listed = incidents
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["task"] == "stuck").cloned())
+        .unwrap_or_else(|| panic!("muster incidents lists no incident for stuck: {incidents:#}"));
+    let id = listed["id"].as_u64().expect("an incident id").to_string();
+
+    fleet.muster_ok(&["ack", &id]);
+
+    assert_eq!(task["message"], "which dataset?", "{task:#}");
+    assert_eq!(listed["reason"], "needs_help", "{listed:#}");
+    assert_eq!(
+        opened["data"]["incident"].as_u64().map(|i| i.to_string()),
+        Some(id.clone())
+    );
+    let acked = fleet.wait_for_event(|e| is_event(e, "incident.acked", "stuck"), TASK_DEADLINE);
+    assert_eq!(
+        acked["data"]["incident"].as_u64().map(|i| i.to_string()),
+        Some(id)
+    );
+}

@@ -92,12 +92,11 @@ fn invalid_utf8_in_logs_and_status_lines_breaks_nothing() {
         serde_json::from_str::<serde_json::Value>(text)
             .unwrap_or_else(|e| panic!("inbox line is not JSON ({e}): {text}"));
     }
-    let reports = fleet.events(|e| muster_e2e::is_event(e, "task.report", "garbled"));
-    assert!(
-        reports
-            .iter()
-            .any(|e| e["message"].as_str().is_some_and(|m| m.starts_with("bad "))),
-        "the garbled JSON report still arrives as a report: {reports:#?}"
+    // Lines read in one poll may be coalesced into one report; the metric of the garbled
+    // JSON line survives either way, which shows it was read as JSON.
+    assert_eq!(
+        task["metrics"]["step"], 1.0,
+        "the garbled JSON line was parsed: {task:#}"
     );
     let logs = fleet.muster(&["logs", "garbled"]);
     assert!(

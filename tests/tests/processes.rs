@@ -114,3 +114,28 @@ fn child_ignoring_sigterm_is_killed_after_its_grace() {
         .expect("attempt.exited for the stopped attempt");
     assert_eq!(exited["data"]["signal"], 9, "ended by SIGKILL: {exited}");
 }
+
+#[test]
+fn node_agent_sigterm_stops_its_tasks_and_exits_0() {
+    let mut fleet = Fleet::start(1, FleetOptions::default());
+    fleet.submit_toml("spawner", SPAWNS_GRANDCHILDREN);
+    let main_pid = fleet.wait_for_attempt_pid("spawner", 1, TASK_DEADLINE);
+    let pids_file = fleet
+        .task_dir("node-1", "spawner")
+        .join("data")
+        .join("pids");
+    fleet.wait_for_file(&pids_file, TASK_DEADLINE, |text| text.lines().count() == 2);
+    let key = attempt_key(main_pid);
+
+    let status = fleet.kill_node_agent("node-1", nix::sys::signal::Signal::SIGTERM);
+
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM exits 0: {status:?}"
+    );
+    let left = processes_with_env("MUSTER_ATTEMPT_KEY", &key);
+    assert!(
+        left.is_empty(),
+        "the agent left its task's processes: {left:?}"
+    );
+}
