@@ -6,6 +6,7 @@
 mod client;
 mod output;
 mod report;
+mod rules;
 mod up;
 
 use std::collections::HashMap;
@@ -143,8 +144,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Acknowledge an incident.
-    Ack { id: u64 },
+    /// Acknowledge an incident: stops reminders and holds the task's automatic restarts.
+    Ack {
+        id: u64,
+        /// Take the acknowledgement back.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Resolve an incident by hand.
+    Resolve { id: u64 },
+    /// Health rules.
+    #[command(subcommand)]
+    Rules(RulesCmd),
     /// Inside a task: append a status line to $MUSTER_STATUS_FILE.
     Report {
         /// starting, running, blocked, needs_help, done or failed.
@@ -155,6 +166,23 @@ enum Cmd {
         /// A metric, key=value (repeatable).
         #[arg(long = "metric")]
         metrics: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCmd {
+    /// Validate the rules of a task or sweep file and say what each would do.
+    Check {
+        file: PathBuf,
+        /// Also say which rule this output line triggers.
+        #[arg(long)]
+        line: Option<String>,
+        /// Also say which rule this exit code triggers.
+        #[arg(long)]
+        exit_code: Option<i32>,
+        /// Also say which rule death by this signal number triggers.
+        #[arg(long)]
+        signal: Option<i32>,
     },
 }
 
@@ -436,15 +464,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Ack { id } => {
+        Cmd::Ack { id, undo } => {
             let incident = connect()
                 .await?
-                .ack_incident(v1::AckIncidentRequest { id })
+                .ack_incident(v1::AckIncidentRequest { id, undo })
                 .await?
                 .into_inner();
             println!("incident {} {}", incident.id, incident.state);
             Ok(())
         }
+        Cmd::Resolve { id } => {
+            let incident = connect()
+                .await?
+                .resolve_incident(v1::ResolveIncidentRequest { id })
+                .await?
+                .into_inner();
+            println!("incident {} {}", incident.id, incident.state);
+            Ok(())
+        }
+        Cmd::Rules(RulesCmd::Check {
+            file,
+            line,
+            exit_code,
+            signal,
+        }) => rules::check(&file, line.as_deref(), exit_code, signal),
     }
 }
 
@@ -597,6 +640,7 @@ fn run_spec(args: RunArgs) -> Result<v1::TaskSpec, Failure> {
             ..Default::default()
         }),
         stop: args.grace.map(|grace| v1::StopSpec { grace }),
+        escalation: None,
     };
     muster_proto::spec::validate(&spec).map_err(|errors| {
         Failure::usage(

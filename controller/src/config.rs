@@ -12,6 +12,53 @@ use crate::core::CoreConfig;
 struct File {
     #[serde(default)]
     controller: ControllerSection,
+    #[serde(default)]
+    alerts: AlertsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsSection {
+    group_window: Option<String>,
+    remind_every: Option<String>,
+    slack: Option<SlackSection>,
+    pagerduty: Option<PagerDutySection>,
+    #[serde(default)]
+    route: Vec<RouteSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlackSection {
+    webhook_url: Option<String>,
+    webhook_url_env: Option<String>,
+    bot_token: Option<String>,
+    bot_token_env: Option<String>,
+    default_channel: Option<String>,
+    api_url: Option<String>,
+    timeout: Option<String>,
+    per_second: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PagerDutySection {
+    routing_key: Option<String>,
+    routing_key_env: Option<String>,
+    events_url: Option<String>,
+    timeout: Option<String>,
+    per_minute: Option<f64>,
+    source: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSection {
+    #[serde(default)]
+    reasons: Vec<String>,
+    #[serde(default)]
+    severities: Vec<String>,
+    to: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -30,6 +77,7 @@ struct ControllerSection {
 pub struct Settings {
     pub core: CoreConfig,
     pub inbox_segment_bytes: u64,
+    pub alerts: Alerts,
 }
 
 impl Default for Settings {
@@ -37,8 +85,81 @@ impl Default for Settings {
         Settings {
             core: CoreConfig::default(),
             inbox_segment_bytes: 64 << 20,
+            alerts: Alerts::default(),
         }
     }
+}
+
+/// Where incidents go and how.
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    /// Incidents opened within this window go out as one notification.
+    pub group_window: Duration,
+    /// Open, unacknowledged notifications are repeated this often (zero: never).
+    pub remind_every: Duration,
+    pub slack: Option<Slack>,
+    pub pagerduty: Option<PagerDuty>,
+    /// Empty: every incident goes to every configured destination.
+    pub routes: Vec<Route>,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Alerts {
+            group_window: Duration::from_secs(1),
+            remind_every: Duration::from_secs(30 * 60),
+            slack: None,
+            pagerduty: None,
+            routes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Slack {
+    pub webhook_url: Option<String>,
+    pub bot_token: Option<String>,
+    pub default_channel: String,
+    pub api_url: String,
+    pub timeout: Duration,
+    pub per_second: f64,
+}
+
+// Secrets stay out of logs and debug output.
+impl std::fmt::Debug for Slack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slack")
+            .field("webhook_url", &self.webhook_url.as_ref().map(|_| "<set>"))
+            .field("bot_token", &self.bot_token.as_ref().map(|_| "<set>"))
+            .field("default_channel", &self.default_channel)
+            .field("api_url", &self.api_url)
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+pub struct PagerDuty {
+    pub routing_key: String,
+    pub events_url: String,
+    pub timeout: Duration,
+    pub per_minute: f64,
+    pub source: String,
+}
+
+impl std::fmt::Debug for PagerDuty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagerDuty")
+            .field("routing_key", &"<set>")
+            .field("events_url", &self.events_url)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub reasons: Vec<String>,
+    pub severities: Vec<String>,
+    pub to: Vec<String>,
 }
 
 /// Reads and checks a config file; every problem is reported, each naming its key.
@@ -94,6 +215,7 @@ pub fn parse(text: &str) -> Result<Settings, Vec<String>> {
         }
         settings.inbox_segment_bytes = mb.max(1) << 20;
     }
+    parse_alerts(file.alerts, &mut settings.alerts, &mut errors);
     if settings.core.node_timeout <= settings.core.heartbeat_interval * 2 {
         errors.push(
             "controller.node_timeout must be more than twice controller.heartbeat_interval"
@@ -104,6 +226,190 @@ pub fn parse(text: &str) -> Result<Settings, Vec<String>> {
         Ok(settings)
     } else {
         Err(errors)
+    }
+}
+
+/// A secret from the file or from the environment variable the file names.
+fn secret(
+    errors: &mut Vec<String>,
+    key: &str,
+    value: Option<String>,
+    env: Option<String>,
+) -> Option<String> {
+    match (value, env) {
+        (Some(v), None) => Some(v),
+        (None, Some(var)) => match std::env::var(&var) {
+            Ok(v) if !v.is_empty() => Some(v),
+            _ => {
+                errors.push(format!(
+                    "{key}_env names {var}, which is not set in the environment"
+                ));
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            errors.push(format!("{key} and {key}_env are both set; use one"));
+            None
+        }
+        (None, None) => None,
+    }
+}
+
+fn parse_alerts(a: AlertsSection, out: &mut Alerts, errors: &mut Vec<String>) {
+    let mut duration =
+        |key: &str, value: Option<String>, default: Duration, zero_ok: bool| -> Duration {
+            let Some(v) = value else { return default };
+            match muster_proto::duration::parse(&v) {
+                Ok(d) if zero_ok || !d.is_zero() => d,
+                Ok(_) => {
+                    errors.push(format!("{key} must be longer than 0s"));
+                    default
+                }
+                Err(e) => {
+                    errors.push(format!("{key} is an {e}"));
+                    default
+                }
+            }
+        };
+    out.group_window = duration(
+        "alerts.group_window",
+        a.group_window,
+        out.group_window,
+        true,
+    );
+    out.remind_every = duration(
+        "alerts.remind_every",
+        a.remind_every,
+        out.remind_every,
+        true,
+    );
+    if let Some(s) = a.slack {
+        let webhook_url = secret(
+            errors,
+            "alerts.slack.webhook_url",
+            s.webhook_url,
+            s.webhook_url_env,
+        );
+        let bot_token = secret(
+            errors,
+            "alerts.slack.bot_token",
+            s.bot_token,
+            s.bot_token_env,
+        );
+        let default_channel = s.default_channel.unwrap_or_default();
+        let mut timeout = Duration::from_secs(10);
+        let mut per_second = 1.0;
+        if let Some(t) = s.timeout {
+            match muster_proto::duration::parse(&t) {
+                Ok(d) if !d.is_zero() => timeout = d,
+                _ => errors.push(format!(
+                    "alerts.slack.timeout {t:?} is not a duration above 0s"
+                )),
+            }
+        }
+        if let Some(r) = s.per_second {
+            if r.is_finite() && r > 0.0 {
+                per_second = r;
+            } else {
+                errors.push("alerts.slack.per_second must be above 0".into());
+            }
+        }
+        if webhook_url.is_none() && bot_token.is_none() {
+            errors.push("alerts.slack needs webhook_url (or webhook_url_env), or bot_token (or bot_token_env) with default_channel".into());
+        }
+        if bot_token.is_some() && default_channel.is_empty() {
+            errors.push("alerts.slack.default_channel is required with bot_token".into());
+        }
+        let api_url = s.api_url.unwrap_or_else(|| "https://slack.com/api".into());
+        for (key, url) in [
+            ("alerts.slack.webhook_url", webhook_url.as_deref()),
+            ("alerts.slack.api_url", Some(api_url.as_str())),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    errors.push(format!("{key} must be an http:// or https:// URL"));
+                }
+            }
+        }
+        out.slack = Some(Slack {
+            webhook_url,
+            bot_token,
+            default_channel,
+            api_url: api_url.trim_end_matches('/').to_string(),
+            timeout,
+            per_second,
+        });
+    }
+
+    if let Some(p) = a.pagerduty {
+        let routing_key = secret(
+            errors,
+            "alerts.pagerduty.routing_key",
+            p.routing_key,
+            p.routing_key_env,
+        );
+        if routing_key.is_none() {
+            errors.push("alerts.pagerduty needs routing_key or routing_key_env".into());
+        }
+        let events_url = p
+            .events_url
+            .unwrap_or_else(|| "https://events.pagerduty.com/v2/enqueue".into());
+        if !(events_url.starts_with("http://") || events_url.starts_with("https://")) {
+            errors.push("alerts.pagerduty.events_url must be an http:// or https:// URL".into());
+        }
+        let mut timeout = Duration::from_secs(10);
+        if let Some(t) = p.timeout {
+            match muster_proto::duration::parse(&t) {
+                Ok(d) if !d.is_zero() => timeout = d,
+                _ => errors.push(format!(
+                    "alerts.pagerduty.timeout {t:?} is not a duration above 0s"
+                )),
+            }
+        }
+        let per_minute = p.per_minute.unwrap_or(120.0);
+        if !(per_minute.is_finite() && per_minute > 0.0) {
+            errors.push("alerts.pagerduty.per_minute must be above 0".into());
+        }
+        out.pagerduty = Some(PagerDuty {
+            routing_key: routing_key.unwrap_or_default(),
+            events_url,
+            timeout,
+            per_minute,
+            source: p.source.unwrap_or_else(|| "muster-controller".into()),
+        });
+    }
+
+    for (i, r) in a.route.into_iter().enumerate() {
+        if r.to.is_empty() {
+            errors.push(format!("alerts.route[{i}].to is empty"));
+        }
+        for to in &r.to {
+            let configured = match to.as_str() {
+                "slack" => out.slack.is_some(),
+                "pagerduty" => out.pagerduty.is_some(),
+                _ => {
+                    errors.push(format!(
+                        "alerts.route[{i}].to has {to:?}; expected \"slack\" or \"pagerduty\""
+                    ));
+                    continue;
+                }
+            };
+            if !configured {
+                errors.push(format!(
+                    "alerts.route[{i}].to names {to}, but [alerts.{to}] is not configured"
+                ));
+            }
+        }
+        for s in &r.severities {
+            if !muster_proto::spec::health::SEVERITIES.contains(&s.as_str()) {
+                errors.push(format!("alerts.route[{i}].severities has {s:?}; expected info, warning, error or critical"));
+            }
+        }
+        out.routes.push(Route {
+            reasons: r.reasons,
+            severities: r.severities,
+            to: r.to,
+        });
     }
 }
 
@@ -122,5 +428,31 @@ mod tests {
         let err = parse("[controller]\ntick = \"soon\"\nreport_sample = \"0s\"\n").unwrap_err();
         assert_eq!(err.len(), 2, "{err:?}");
         assert!(err[0].contains("controller.tick"));
+    }
+
+    #[test]
+    fn alerts_config_is_checked_and_names_keys() {
+        let ok = parse(
+            "[alerts.slack]\nwebhook_url = \"http://127.0.0.1:1/hook\"\n[alerts.pagerduty]\nrouting_key = \"k\"\n[[alerts.route]]\nreasons = [\"crash_loop\"]\nto = [\"slack\", \"pagerduty\"]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.alerts.routes.len(), 1);
+        assert!(
+            format!("{:?}", ok.alerts).contains("<set>"),
+            "secrets are not printed"
+        );
+
+        let err = parse("[alerts.slack]\nbot_token = \"x\"\n[[alerts.route]]\nto = [\"pagerduty\", \"email\"]\n").unwrap_err();
+        let all = err.join("\n");
+        assert!(all.contains("default_channel"), "{all}");
+        assert!(
+            all.contains("[alerts.pagerduty] is not configured"),
+            "{all}"
+        );
+        assert!(all.contains("\"email\""), "{all}");
+
+        let err = parse("[alerts.pagerduty]\nrouting_key_env = \"MUSTER_TEST_SURELY_UNSET_VAR\"\n")
+            .unwrap_err();
+        assert!(err[0].contains("MUSTER_TEST_SURELY_UNSET_VAR"), "{err:?}");
     }
 }

@@ -3,9 +3,12 @@
 //! committed to SQLite, before any command, ack or reply of that batch leaves (group
 //! commit: an event is on disk before the controller acts on it).
 
+mod alerts;
 mod api;
 mod health;
+mod incidents;
 mod nodes;
+mod rules;
 mod tasks;
 
 use std::cmp::Reverse;
@@ -23,6 +26,7 @@ use crate::inbox::Inbox;
 use crate::model::{Incident, NodeRecord, TaskRecord, TaskState};
 use crate::store::{Changes, Store};
 
+pub use alerts::{Delivery, Group};
 pub use api::{ApiError, Reply, Request};
 
 /// Timings of the controller loop.
@@ -79,6 +83,7 @@ pub enum Input {
         node: String,
     },
     Request(Request),
+    AlertAttempt(crate::alert::deliver::Attempted),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -89,8 +94,20 @@ pub struct CoreHandle {
 }
 
 impl CoreHandle {
+    /// A channel to the core; the core runs once [`Core::spawn`] is given the receiver.
+    pub fn channel() -> (CoreHandle, mpsc::Receiver<Input>) {
+        let (tx, rx) = mpsc::channel();
+        (CoreHandle { tx }, rx)
+    }
+
     pub fn send(&self, input: Input) -> bool {
         self.tx.send(input).is_ok()
+    }
+}
+
+impl crate::alert::deliver::Report for CoreHandle {
+    fn report(&self, attempted: crate::alert::deliver::Attempted) {
+        self.send(Input::AlertAttempt(attempted));
     }
 }
 
@@ -114,6 +131,9 @@ struct Batch {
     after: Vec<Box<dyn FnOnce() + Send>>,
     acks: HashMap<String, u64>,
     place: bool,
+    groups: Vec<Group>,
+    deliveries: Vec<Delivery>,
+    notices: Vec<crate::alert::Notice>,
 }
 
 pub struct Core {
@@ -133,6 +153,10 @@ pub struct Core {
     log_waiters: HashMap<u64, Reply<v1::LogChunk>>,
     node_memory: HashMap<String, crate::model::NodeMemory>,
     batch: Batch,
+    alert_config: crate::config::Alerts,
+    alerts: alerts::Alerting,
+    /// Recently resolved incidents, for `incidents --all` and repeated resolves.
+    resolved: std::collections::BTreeMap<u64, Incident>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +170,12 @@ pub enum CoreError {
 impl Core {
     /// Loads the model from the store. Tasks that were on nodes stay as they were: their
     /// nodes reconnect and reconcile, so a controller restart restarts no healthy child.
-    pub fn open(cfg: CoreConfig, store: Store, inbox: Arc<Inbox>) -> Result<Core, CoreError> {
+    pub fn open(
+        cfg: CoreConfig,
+        alert_config: crate::config::Alerts,
+        store: Store,
+        inbox: Arc<Inbox>,
+    ) -> Result<Core, CoreError> {
         let loaded = store.load()?;
         let mut core = Core {
             cfg,
@@ -169,6 +198,9 @@ impl Core {
             log_waiters: HashMap::new(),
             node_memory: loaded.nodes,
             batch: Batch::default(),
+            alert_config,
+            alerts: alerts::Alerting::default(),
+            resolved: Default::default(),
             store,
         };
         for mut task in loaded.tasks {
@@ -178,6 +210,10 @@ impl Core {
             }
             core.tasks.insert(task.name().to_string(), task);
         }
+        let max_group = loaded.meta.get("max_group").copied().unwrap_or(0) as u64;
+        let max_delivery = loaded.meta.get("max_delivery").copied().unwrap_or(0) as u64;
+        core.alerts
+            .restore(loaded.groups, loaded.deliveries, max_group, max_delivery);
         for incident in loaded.incidents {
             core.next_incident = core.next_incident.max(incident.id + 1);
             core.open_incidents.insert(
@@ -237,20 +273,23 @@ impl Core {
         Ok(core)
     }
 
-    /// Starts the core on its own thread.
-    pub fn spawn(self) -> (CoreHandle, std::thread::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
+    /// Starts the core on its own thread, reading `rx` (from [`CoreHandle::channel`]).
+    pub fn spawn(self, rx: mpsc::Receiver<Input>) -> std::thread::JoinHandle<()> {
+        std::thread::Builder::new()
             .name("core".into())
             .spawn(move || self.run(rx))
-            .expect("spawning the core thread");
-        (CoreHandle { tx }, thread)
+            .expect("spawning the core thread")
     }
 
     fn run(mut self, rx: mpsc::Receiver<Input>) {
         let mut next_tick = Instant::now() + self.cfg.tick;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            let mut wake = next_tick;
+            if let Some(ms) = self.alert_deadline_ms() {
+                let until = Duration::from_millis((ms - now_ms()).max(0) as u64);
+                wake = wake.min(Instant::now() + until);
+            }
+            let wait = wake.saturating_duration_since(Instant::now());
             let mut inputs = Vec::new();
             match rx.recv_timeout(wait) {
                 Ok(input) => inputs.push(input),
@@ -273,7 +312,10 @@ impl Core {
             }
             if Instant::now() >= next_tick {
                 self.tick();
+                self.alert_tick();
                 next_tick = Instant::now() + self.cfg.tick;
+            } else if self.alert_deadline_ms().is_some_and(|ms| ms <= now_ms()) {
+                self.alert_tick();
             }
             if self.batch.place {
                 self.place_pending();
@@ -302,6 +344,7 @@ impl Core {
             } => self.on_batch(session_id, &node, batch),
             Input::Closed { session_id, node } => self.on_closed(session_id, &node),
             Input::Request(request) => self.on_request(request),
+            Input::AlertAttempt(attempted) => self.on_alert_attempt(attempted),
             Input::Shutdown(_) => {}
         }
     }
@@ -329,9 +372,22 @@ impl Core {
                 .filter_map(|n| self.nodes.get(n).map(|r| (n.clone(), r.memory.clone())))
                 .collect(),
             meta: batch.meta,
+            groups: batch.groups,
+            deliveries: batch.deliveries,
         };
         self.store.commit(&changes)?;
         self.inbox.publish(batch.events);
+        for notice in batch.notices {
+            match self.alerts.queues.get(&notice.dest) {
+                Some(queue) => {
+                    let _ = queue.send(notice);
+                }
+                None => tracing::warn!(
+                    dest = notice.dest.as_str(),
+                    "no delivery worker for a notification"
+                ),
+            }
+        }
 
         for (session, message) in batch.sends {
             self.send_now(&session, message);
@@ -430,90 +486,6 @@ impl Core {
         self.run_deadlines();
         if !self.pending.is_empty() {
             self.batch.place = true;
-        }
-    }
-}
-
-/// Starts the incident for (task, node, reason) or refreshes the open one.
-impl Core {
-    fn open_incident(
-        &mut self,
-        task: &str,
-        node: &str,
-        reason: &str,
-        severity: Severity,
-        message: &str,
-    ) {
-        let key = (task.to_string(), node.to_string(), reason.to_string());
-        let now = now_ms();
-        if let Some(id) = self.open_incidents.get(&key).copied() {
-            if let Some(incident) = self.incidents.get_mut(&id) {
-                incident.message = message.to_string();
-                incident.updated_ms = now;
-                self.batch.incidents.push(incident.clone());
-                return;
-            }
-        }
-        let id = self.next_incident;
-        self.next_incident += 1;
-        self.batch
-            .meta
-            .push(("next_incident", self.next_incident as i64));
-        let incident = Incident {
-            id,
-            task: task.to_string(),
-            node: node.to_string(),
-            reason: reason.to_string(),
-            state: "open".into(),
-            severity: severity.as_str().into(),
-            message: message.to_string(),
-            opened_ms: now,
-            updated_ms: now,
-            resolved_ms: 0,
-        };
-        let mut event = if task.is_empty() {
-            Event::new("incident.opened", severity, message).node(node)
-        } else {
-            self.task_event(task, "incident.opened", severity, message)
-        };
-        event = event.with("incident", id).with("reason", reason);
-        self.emit(event);
-        self.batch.incidents.push(incident.clone());
-        self.open_incidents.insert(key, id);
-        self.incidents.insert(id, incident);
-    }
-
-    fn resolve_incident(&mut self, task: &str, node: &str, reason: &str, why: &str) {
-        let key = (task.to_string(), node.to_string(), reason.to_string());
-        let Some(id) = self.open_incidents.remove(&key) else {
-            return;
-        };
-        let Some(mut incident) = self.incidents.remove(&id) else {
-            return;
-        };
-        incident.state = "resolved".into();
-        incident.resolved_ms = now_ms();
-        incident.updated_ms = incident.resolved_ms;
-        let message = format!("{reason} resolved: {why}");
-        let event = if task.is_empty() {
-            Event::new("incident.resolved", Severity::Info, message).node(node)
-        } else {
-            self.task_event(task, "incident.resolved", Severity::Info, message)
-        };
-        self.emit(event.with("incident", id).with("reason", reason));
-        self.batch.incidents.push(incident);
-    }
-
-    /// Resolves every open incident of a task (it ended or was restarted by an operator).
-    fn resolve_task_incidents(&mut self, task: &str, why: &str) {
-        let keys: Vec<_> = self
-            .open_incidents
-            .keys()
-            .filter(|(t, _, _)| t == task)
-            .cloned()
-            .collect();
-        for (t, n, r) in keys {
-            self.resolve_incident(&t, &n, &r, why);
         }
     }
 }

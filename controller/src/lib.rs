@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alert;
 pub mod config;
 pub mod core;
 pub mod event;
@@ -24,7 +25,7 @@ use muster_proto::v1::{
 };
 
 use crate::config::Settings;
-use crate::core::{Core, Input};
+use crate::core::{Core, CoreHandle, Input};
 use crate::inbox::Inbox;
 use crate::store::Store;
 
@@ -67,6 +68,7 @@ pub struct Controller {
     inbox: Arc<Inbox>,
     addr: SocketAddr,
     data_dir: PathBuf,
+    alerts: config::Alerts,
 }
 
 impl Controller {
@@ -82,7 +84,12 @@ impl Controller {
             options.settings.inbox_segment_bytes,
         )?);
         let store = Store::open(&dir.join("state.db"))?;
-        let core = Core::open(options.settings.core.clone(), store, inbox.clone())?;
+        let core = Core::open(
+            options.settings.core.clone(),
+            options.settings.alerts.clone(),
+            store,
+            inbox.clone(),
+        )?;
         let listener =
             TcpListener::bind(&options.listen)
                 .await
@@ -100,6 +107,7 @@ impl Controller {
             inbox,
             addr,
             data_dir: options.data_dir,
+            alerts: options.settings.alerts,
         })
     }
 
@@ -113,7 +121,23 @@ impl Controller {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let (core, core_thread) = self.core.spawn();
+        let (core, inputs) = CoreHandle::channel();
+        let mut queues = std::collections::HashMap::new();
+        if let Some(slack) = self.alerts.slack.clone() {
+            queues.insert(
+                alert::Dest::Slack,
+                alert::deliver::spawn_slack(slack, core.clone()),
+            );
+        }
+        if let Some(pagerduty) = self.alerts.pagerduty.clone() {
+            queues.insert(
+                alert::Dest::Pagerduty,
+                alert::deliver::spawn_pagerduty(pagerduty, core.clone()),
+            );
+        }
+        let mut state = self.core;
+        state.attach_alert_queues(queues);
+        let core_thread = state.spawn(inputs);
         let (health, health_service) = tonic_health::server::health_reporter();
         // Each reflection version also lists the other, so every client sees every service.
         let reflection_v1 = tonic_reflection::server::Builder::configure()

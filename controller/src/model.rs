@@ -133,6 +133,11 @@ pub struct Live {
     pub lost_at: Option<Instant>,
     /// A pending task is not placed before this.
     pub not_before: Option<Instant>,
+    /// Last output lines of the last attempt that ended, for notifications.
+    pub log_tail: Vec<String>,
+    /// Best loss seen and reports counted, for the `ml` pack's divergence rule.
+    pub loss_best: Option<f64>,
+    pub loss_reports: u32,
 }
 
 impl TaskRecord {
@@ -167,6 +172,9 @@ impl TaskRecord {
                 sampled_at: None,
                 lost_at: None,
                 not_before: None,
+                log_tail: Vec::new(),
+                loss_best: None,
+                loss_reports: 0,
             },
         }
     }

@@ -9,6 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use muster_proto::v1;
 
+use crate::core::{Delivery, Group};
 use crate::model::{Incident, NodeMemory, TaskRecord, TaskState};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,10 @@ CREATE TABLE IF NOT EXISTS incidents (
     opened_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, resolved_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, instance TEXT NOT NULL, acked_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_groups (id INTEGER PRIMARY KEY, state TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    id INTEGER PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL, error TEXT NOT NULL,
+    notice TEXT NOT NULL);
 ";
 
 /// Everything a batch changed, written together.
@@ -47,6 +52,8 @@ pub struct Changes {
     pub incidents: Vec<Incident>,
     pub nodes: Vec<(String, NodeMemory)>,
     pub meta: Vec<(&'static str, i64)>,
+    pub groups: Vec<Group>,
+    pub deliveries: Vec<Delivery>,
 }
 
 impl Changes {
@@ -56,6 +63,8 @@ impl Changes {
             && self.incidents.is_empty()
             && self.nodes.is_empty()
             && self.meta.is_empty()
+            && self.groups.is_empty()
+            && self.deliveries.is_empty()
     }
 }
 
@@ -65,6 +74,8 @@ pub struct Loaded {
     pub incidents: Vec<Incident>,
     pub nodes: HashMap<String, NodeMemory>,
     pub meta: HashMap<String, i64>,
+    pub groups: Vec<Group>,
+    pub deliveries: Vec<Delivery>,
 }
 
 pub struct Store {
@@ -151,11 +162,42 @@ impl Store {
             })?
             .collect::<Result<HashMap<_, _>, _>>()?;
 
+        let groups = self
+            .conn
+            .prepare("SELECT body FROM alert_groups WHERE state != 'resolved' OR id IN (SELECT DISTINCT json_extract(notice, '$.group') FROM alert_deliveries WHERE state = 'pending')")?
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter_map(|body| serde_json::from_str::<Group>(&body).ok())
+            .collect();
+        let deliveries = self
+            .conn
+            .prepare("SELECT id, state, attempts, error, notice FROM alert_deliveries WHERE state = 'pending' ORDER BY id")?
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, String>(3)?, r.get::<_, String>(4)?)))?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter_map(|(id, state, attempts, error, notice)| {
+                let notice = serde_json::from_str(&notice).ok()?;
+                Some(Delivery { id: id as u64, notice, state, attempts, error })
+            })
+            .collect();
+        let max_delivery: Option<i64> =
+            self.conn
+                .query_row("SELECT MAX(id) FROM alert_deliveries", [], |r| r.get(0))?;
+        let max_group: Option<i64> =
+            self.conn
+                .query_row("SELECT MAX(id) FROM alert_groups", [], |r| r.get(0))?;
+        let mut meta = meta;
+        meta.insert("max_delivery".into(), max_delivery.unwrap_or(0));
+        meta.insert("max_group".into(), max_group.unwrap_or(0));
+
         Ok(Loaded {
             tasks,
             incidents,
             nodes,
             meta,
+            groups,
+            deliveries,
         })
     }
 
@@ -227,6 +269,22 @@ impl Store {
                 tx.prepare_cached("INSERT OR REPLACE INTO nodes VALUES (?1, ?2, ?3)")?;
             for (name, n) in &changes.nodes {
                 put_node.execute(params![name, n.instance, n.acked_seq as i64])?;
+            }
+            let mut put_group =
+                tx.prepare_cached("INSERT OR REPLACE INTO alert_groups VALUES (?1, ?2, ?3)")?;
+            for g in &changes.groups {
+                put_group.execute(params![
+                    g.id as i64,
+                    g.state,
+                    serde_json::to_string(g).expect("groups serialize")
+                ])?;
+            }
+            let mut put_delivery = tx.prepare_cached(
+                "INSERT OR REPLACE INTO alert_deliveries VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for d in &changes.deliveries {
+                let notice = serde_json::to_string(&d.notice).expect("notices serialize");
+                put_delivery.execute(params![d.id as i64, d.state, d.attempts, d.error, notice])?;
             }
             let mut put_meta = tx.prepare_cached("INSERT OR REPLACE INTO meta VALUES (?1, ?2)")?;
             for (key, value) in &changes.meta {

@@ -6,6 +6,7 @@
 pub mod logs;
 pub mod outbox;
 pub mod process;
+pub mod rules;
 pub mod runner;
 pub mod session;
 pub mod status;

@@ -1,24 +1,25 @@
 //! One task's life on this node: start an attempt, watch it, and apply the restart policy
 //! locally, so a crashed child restarts in milliseconds even with no controller.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use regex::RegexSet;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use muster_proto::spec::health::{Action, Rule};
 use muster_proto::spec::{Policy, Rules};
-use muster_proto::v1::{
-    node_event::Kind, AttemptExited, AttemptStarted, LogMatch, Settled, TaskSpec,
-};
+use muster_proto::v1::{node_event::Kind, AttemptExited, AttemptStarted, Settled, TaskSpec};
 
 use crate::logs::{self, LogFile, Tail};
 use crate::outbox::now_ms;
 use crate::process::{self, Exit, Launch};
+use crate::rules::RuleMatcher;
 use crate::status::StatusTail;
 use crate::Context;
 
@@ -33,6 +34,8 @@ pub enum Control {
     Stop { reason: String, attempt: u32 },
     /// Stop the current attempt and start the next at once.
     Restart { reason: String },
+    /// While held, the task is not restarted after it exits.
+    Hold(bool),
 }
 
 /// What the rest of the agent can see of a runner.
@@ -50,11 +53,22 @@ pub struct Runner {
     pub extra_env: Vec<(String, String)>,
     pub ctx: Arc<Context>,
     pub status: Arc<Mutex<RunStatus>>,
+    pub held: AtomicBool,
+    /// Set by a `wait` rule: no restart before this.
+    pub wait_until: Arc<Mutex<Option<Instant>>>,
 }
 
 enum Requested {
     Stop(String),
     Restart(String),
+}
+
+struct Decision {
+    next: &'static str,
+    reason: String,
+    backoff: Duration,
+    rule: Option<Rule>,
+    class: &'static str,
 }
 
 struct AttemptEnd {
@@ -88,10 +102,10 @@ impl Runner {
                 .run_attempt(attempt, &task_dir, &mut control)
                 .instrument(span)
                 .await;
-            let (next, reason, backoff) = self.decide(&end, &mut restarts, &mut failures);
-            tracing::info!(task = %name, attempt, ?end.exit, next, reason, "attempt exited");
+            let d = self.decide(&end, &mut restarts, &mut failures);
+            tracing::info!(task = %name, attempt, ?end.exit, next = d.next, reason = %d.reason, "attempt exited");
 
-            let restarts_in_window = restarts.len() as u32;
+            let rule = d.rule.as_ref();
             self.ctx.outbox.push(
                 &name,
                 attempt,
@@ -104,58 +118,129 @@ impl Runner {
                         Some(Exit::Signal(s)) => Some(s),
                         _ => None,
                     },
-                    reason: reason.clone(),
-                    next: next.to_string(),
-                    backoff_ms: backoff.as_millis() as u64,
+                    reason: d.reason.clone(),
+                    next: d.next.to_string(),
+                    backoff_ms: d.backoff.as_millis() as u64,
                     runtime_ms: end.runtime.as_millis() as u64,
-                    restarts_in_window,
+                    restarts_in_window: restarts.len() as u32,
                     error: end.spawn_error.clone().unwrap_or_default(),
                     log_tail: end.tail,
+                    rule: rule.map_or(String::new(), |r| r.name.clone()),
+                    action: rule.map_or(String::new(), |r| r.action.as_str().to_string()),
+                    severity: rule.map_or(String::new(), |r| r.severity.clone()),
+                    class: d.class.to_string(),
                 }),
             );
-            if next != "backoff" {
+            if d.next != "backoff" {
                 return attempt;
             }
 
             self.set_phase(attempt + 1, 0, "backoff");
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                msg = control.recv() => match msg {
-                    Some(Control::Restart { .. }) => {}
-                    other => {
-                        let reason = match other {
-                            Some(Control::Stop { reason, .. }) => reason,
-                            _ => "shutdown".to_string(),
-                        };
-                        let settled = Settled { state: "stopped".into(), reason };
-                        self.ctx.outbox.push(&name, attempt, Kind::Settled(settled));
-                        return attempt;
-                    }
-                }
+            if let Some(reason) = self.wait_before_restart(d.backoff, &mut control).await {
+                let settled = Settled {
+                    state: "stopped".into(),
+                    reason,
+                };
+                self.ctx.outbox.push(&name, attempt, Kind::Settled(settled));
+                return attempt;
             }
             attempt += 1;
         }
     }
 
-    /// Picks what follows an exit: (next state, reason, backoff before the next attempt).
+    /// Sleeps out the backoff, and longer while the task is held. Returns the stop reason if
+    /// the task was stopped meanwhile; an operator restart ends the wait at once.
+    async fn wait_before_restart(
+        &self,
+        backoff: Duration,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + backoff;
+        loop {
+            let held = self.held.load(Ordering::SeqCst);
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline), if !held => return None,
+                msg = control.recv() => match msg {
+                    Some(Control::Restart { .. }) => return None,
+                    Some(Control::Hold(hold)) => self.held.store(hold, Ordering::SeqCst),
+                    Some(Control::Stop { reason, .. }) => return Some(reason),
+                    None => return Some("shutdown".into()),
+                },
+            }
+        }
+    }
+
+    /// Picks what follows an exit: the next state, its reason, the backoff before the next
+    /// attempt, and the exit rule that decided it.
     fn decide(
         &self,
         end: &AttemptEnd,
         restarts: &mut VecDeque<Instant>,
         failures: &mut u32,
-    ) -> (&'static str, String, Duration) {
-        let exit_reason = match (end.exit, &end.spawn_error) {
+    ) -> Decision {
+        let code = match end.exit {
+            Some(Exit::Code(c)) => Some(c),
+            _ => None,
+        };
+        let signal = match end.exit {
+            Some(Exit::Signal(s)) => Some(s),
+            _ => None,
+        };
+        // A SIGKILL (or the shell's 137) that nobody here sent is most likely the kernel's
+        // OOM killer; without cgroup events this stays a suspicion, named as such.
+        let oom = end.requested.is_none() && (signal == Some(9) || code == Some(137));
+        let class = match (end.exit, &end.spawn_error) {
             (_, Some(_)) => "spawn_error",
+            _ if oom => "oom_kill",
             (Some(Exit::Signal(_)), _) => "signal",
             _ => "exit_code",
         };
+        let decision =
+            |next: &'static str, reason: String, backoff: Duration, rule: Option<Rule>| Decision {
+                next,
+                reason,
+                backoff,
+                rule,
+                class,
+            };
+
         let restart_reason = match &end.requested {
-            Some(Requested::Stop(reason)) => return ("stopped", reason.clone(), Duration::ZERO),
+            Some(Requested::Stop(reason)) => {
+                return decision("stopped", reason.clone(), Duration::ZERO, None)
+            }
             Some(Requested::Restart(reason)) => Some(reason.clone()),
             None => None,
         };
+        let rule = if restart_reason.is_none() && end.spawn_error.is_none() {
+            self.rules
+                .health
+                .rules
+                .iter()
+                .find(|r| r.matches_exit(code, signal, oom))
+                .cloned()
+        } else {
+            None
+        };
+        let action = rule.as_ref().map(|r| r.action);
+        let reason = rule
+            .as_ref()
+            .map_or_else(|| class.to_string(), |r| r.name.clone());
         let succeeded = end.exit.is_some_and(Exit::success);
+        if action == Some(Action::Stop) {
+            return decision("failed", reason, Duration::ZERO, rule);
+        }
+
+        // A rate-limit style wait: restart after it, and it is no crash.
+        let wait = self.wait_until.lock().expect("wait state poisoned").take();
+        let wait = wait
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .filter(|w| !w.is_zero());
+        if let Some(wait) = wait.filter(|_| restart_reason.is_none() && !succeeded) {
+            return decision("backoff", "wait".into(), wait, rule);
+        }
+
         let wanted = restart_reason.is_some()
+            || matches!(action, Some(Action::Restart | Action::Wait))
             || match self.rules.restart.policy {
                 Policy::Always => true,
                 Policy::OnFailure => !succeeded,
@@ -163,7 +248,7 @@ impl Runner {
             };
         if !wanted {
             let next = if succeeded { "succeeded" } else { "failed" };
-            return (next, exit_reason.to_string(), Duration::ZERO);
+            return decision(next, reason, Duration::ZERO, rule);
         }
 
         let now = Instant::now();
@@ -175,19 +260,26 @@ impl Runner {
             restarts.pop_front();
         }
         if restarts.len() as u32 >= self.rules.restart.max_restarts {
-            return ("crash_loop", exit_reason.to_string(), Duration::ZERO);
+            return decision("crash_loop", reason, Duration::ZERO, rule);
         }
         restarts.push_back(now);
 
         if let Some(reason) = restart_reason {
-            return ("backoff", reason, Duration::ZERO);
+            return decision("backoff", reason, Duration::ZERO, None);
         }
         if end.runtime >= HEALTHY_RUN {
             *failures = 0;
         }
-        let backoff = backoff(&self.rules, *failures);
+        let delay = match rule
+            .as_ref()
+            .and_then(|r| r.wait)
+            .filter(|_| action == Some(Action::Wait))
+        {
+            Some(wait) => wait,
+            None => backoff(&self.rules, *failures),
+        };
         *failures = failures.saturating_add(1);
-        ("backoff", exit_reason.to_string(), backoff)
+        decision("backoff", reason, delay, rule)
     }
 
     async fn run_attempt(
@@ -241,7 +333,10 @@ impl Runner {
             .push(name, attempt, Kind::Started(AttemptStarted { pid }));
 
         let tail: Tail = Default::default();
-        let matcher = Arc::new(PatternMatcher::new(&self.rules.health.fail_patterns));
+        let matcher = Arc::new(RuleMatcher::new(
+            &self.rules.health.rules,
+            self.wait_until.clone(),
+        ));
         let drains = [
             ("stdout", spawned.stdout.into()),
             ("stderr", spawned.stderr.into()),
@@ -252,16 +347,8 @@ impl Runner {
             let outbox = self.ctx.outbox.clone();
             let task = name.clone();
             tokio::spawn(logs::drain(fd, file, tail.clone(), move |line| {
-                if let Some(pattern) = matcher.check(line) {
-                    outbox.push(
-                        &task,
-                        attempt,
-                        Kind::LogMatch(LogMatch {
-                            pattern,
-                            line: line.to_string(),
-                            stream: stream.into(),
-                        }),
-                    );
+                if let Some(found) = matcher.check(line, stream) {
+                    outbox.push(&task, attempt, Kind::LogMatch(found));
                 }
             }))
         });
@@ -278,6 +365,10 @@ impl Runner {
                     let (req, stop_it) = match msg {
                         Some(Control::Stop { reason, attempt: only }) => (Requested::Stop(reason), only == 0 || only == attempt),
                         Some(Control::Restart { reason }) => (Requested::Restart(reason), true),
+                        Some(Control::Hold(hold)) => {
+                            self.held.store(hold, Ordering::SeqCst);
+                            continue;
+                        }
                         None => (Requested::Stop("shutdown".into()), true),
                     };
                     if !stop_it {
@@ -321,18 +412,12 @@ impl Runner {
         }
     }
 
-    fn forward_reports(&self, status: &mut StatusTail, attempt: u32, matcher: &PatternMatcher) {
+    fn forward_reports(&self, status: &mut StatusTail, attempt: u32, matcher: &RuleMatcher) {
         for report in status.poll() {
-            if let Some(pattern) = matcher.check(&report.message) {
-                self.ctx.outbox.push(
-                    &self.spec.name,
-                    attempt,
-                    Kind::LogMatch(LogMatch {
-                        pattern,
-                        line: report.message.clone(),
-                        stream: "status".into(),
-                    }),
-                );
+            if let Some(found) = matcher.check(&report.message, "status") {
+                self.ctx
+                    .outbox
+                    .push(&self.spec.name, attempt, Kind::LogMatch(found));
             }
             self.ctx
                 .outbox
@@ -388,34 +473,4 @@ fn backoff(rules: &Rules, failures: u32) -> Duration {
     let capped = base.min(rules.restart.backoff_max.as_secs_f64());
     let jitter = rand::thread_rng().gen_range(0.8..1.2);
     Duration::from_secs_f64((capped * jitter).min(rules.restart.backoff_max.as_secs_f64()))
-}
-
-/// The task's fail patterns; each reports once per attempt.
-struct PatternMatcher {
-    set: Option<RegexSet>,
-    patterns: Vec<String>,
-    seen: Mutex<HashSet<usize>>,
-}
-
-impl PatternMatcher {
-    fn new(patterns: &[String]) -> Self {
-        PatternMatcher {
-            set: (!patterns.is_empty())
-                .then(|| RegexSet::new(patterns).ok())
-                .flatten(),
-            patterns: patterns.to_vec(),
-            seen: Mutex::new(HashSet::new()),
-        }
-    }
-
-    fn check(&self, line: &str) -> Option<String> {
-        let set = self.set.as_ref()?;
-        let first = set.matches(line).into_iter().next()?;
-        let fresh = self
-            .seen
-            .lock()
-            .expect("pattern state poisoned")
-            .insert(first);
-        fresh.then(|| self.patterns[first].clone())
-    }
 }

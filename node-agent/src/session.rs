@@ -181,6 +181,10 @@ impl Session {
                         Ok(())
                     }
                     Some(Action::Restart(restart)) => self.supervisor.restart(restart),
+                    Some(Action::Hold(hold)) => {
+                        self.supervisor.hold(hold);
+                        Ok(())
+                    }
                     None => Err("empty command".to_string()),
                 };
                 if let Err(error) = &result {

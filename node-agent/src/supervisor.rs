@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use muster_proto::spec::{self, Rules};
 use muster_proto::v1::{
-    node_event::Kind, RestartTask, RunningAttempt, Settled, StartTask, StopTask,
+    node_event::Kind, HoldTask, RestartTask, RunningAttempt, Settled, StartTask, StopTask,
 };
 
 use crate::runner::{Control, RunStatus, Runner};
@@ -93,6 +93,8 @@ impl Supervisor {
             extra_env: cmd.env.into_iter().collect(),
             ctx: self.ctx.clone(),
             status: status.clone(),
+            held: Default::default(),
+            wait_until: Default::default(),
         };
         tasks.insert(name.clone(), Handle { control, status });
         let this = self.clone();
@@ -146,6 +148,13 @@ impl Supervisor {
             .control
             .send(Control::Restart { reason: cmd.reason })
             .map_err(|_| format!("task {} is ending", cmd.task))
+    }
+
+    pub fn hold(&self, cmd: HoldTask) {
+        let tasks = self.tasks.lock().expect("task table poisoned");
+        if let Some(handle) = tasks.get(&cmd.task) {
+            let _ = handle.control.send(Control::Hold(cmd.hold));
+        }
     }
 
     /// What runs now, for Hello.

@@ -5,6 +5,7 @@
 //! so an error is reported the same way whichever door the spec came through.
 
 mod file;
+pub mod health;
 mod rules;
 mod validate;
 

@@ -6,7 +6,7 @@ use tokio::sync::oneshot;
 use muster_proto::v1;
 
 use super::Core;
-use crate::event::{now_ms, Event, Severity};
+use crate::event::{now_ms, Severity};
 use crate::model::{TaskRecord, TaskState};
 
 /// Why a request failed.
@@ -62,6 +62,12 @@ pub enum Request {
     },
     Ack {
         id: u64,
+        acked: bool,
+        caller: String,
+        reply: Reply<v1::Incident>,
+    },
+    Resolve {
+        id: u64,
         caller: String,
         reply: Reply<v1::Incident>,
     },
@@ -112,17 +118,27 @@ impl Core {
                 self.reply(reply, Ok(nodes));
             }
             Request::Incidents { all, reply } => {
+                let resolved = self.resolved.values().filter(|_| all);
                 let mut incidents: Vec<_> = self
                     .incidents
                     .values()
-                    .filter(|i| all || i.state != "resolved")
+                    .chain(resolved)
                     .map(|i| i.to_proto())
                     .collect();
                 incidents.sort_by_key(|i| i.id);
                 self.reply(reply, Ok(incidents));
             }
-            Request::Ack { id, caller, reply } => {
-                let result = self.ack(id, &caller);
+            Request::Ack {
+                id,
+                acked,
+                caller,
+                reply,
+            } => {
+                let result = self.ack(id, &caller, acked);
+                self.reply(reply, result);
+            }
+            Request::Resolve { id, caller, reply } => {
+                let result = self.resolve_request(id, &caller);
                 self.reply(reply, result);
             }
             Request::Log { request, reply } => self.log(request, reply),
@@ -279,30 +295,6 @@ impl Core {
             self.batch.place = true;
         }
         Ok(self.tasks[name].to_proto())
-    }
-
-    fn ack(&mut self, id: u64, caller: &str) -> Result<v1::Incident, ApiError> {
-        let incident = self.incidents.get_mut(&id).ok_or_else(|| {
-            ApiError::NotFound(format!("incident {id} not found (or already resolved)"))
-        })?;
-        if incident.state == "open" {
-            incident.state = "acked".into();
-            incident.updated_ms = now_ms();
-            let incident = incident.clone();
-            self.batch.incidents.push(incident.clone());
-            let mut event = Event::new(
-                "incident.acked",
-                Severity::Info,
-                format!("incident {id} acknowledged by {caller}"),
-            )
-            .with("incident", id)
-            .with("reason", incident.reason.clone())
-            .with("caller", caller);
-            event.task = incident.task.clone();
-            event.node = incident.node.clone();
-            self.emit(event);
-        }
-        Ok(self.incidents[&id].to_proto())
     }
 
     fn log(&mut self, mut request: v1::LogRequest, reply: Reply<v1::LogChunk>) {

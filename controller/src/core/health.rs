@@ -74,7 +74,36 @@ impl Core {
             return;
         }
         let silent = now.duration_since(task.live.heartbeat).as_secs();
-        task.live.heartbeat = now;
+        let blocked = matches!(task.state, TaskState::Blocked | TaskState::NeedsHelp);
+        let never_restart = blocked && task.rules.health.flags.never_restart_blocked;
+        let state = task.state;
+        if never_restart || self.is_held(name) {
+            // The child said it waits on someone, or a person holds it: tell, do not restart.
+            self.tasks
+                .get_mut(name)
+                .expect("task exists")
+                .live
+                .heartbeat = now;
+            self.schedule(now + timeout, Check::Heartbeat, name);
+            let message = format!(
+                "no status line for {silent}s while {}; not restarting",
+                state.as_str()
+            );
+            let event = self
+                .task_event(name, "task.unhealthy", Severity::Warning, message.clone())
+                .with("reason", "heartbeat_timeout")
+                .with("silent_s", silent)
+                .with("action", "escalate");
+            self.emit(event);
+            self.open_incident(name, "", "heartbeat_timeout", Severity::Warning, &message);
+            return;
+        }
+
+        self.tasks
+            .get_mut(name)
+            .expect("task exists")
+            .live
+            .heartbeat = now;
         self.schedule(now + timeout, Check::Heartbeat, name);
 
         let message = format!(

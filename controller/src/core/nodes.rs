@@ -107,6 +107,7 @@ impl Core {
                 // A returning node's tasks were pending re-placement; they are back.
                 t.live.lost_at = None;
                 t.live.heartbeat = Instant::now();
+                let held = t.state.holds_node();
                 if t.state == TaskState::Stopping {
                     // The stop may have been lost with the old session: ask again.
                     let stop = v1::StopTask {
@@ -115,6 +116,10 @@ impl Core {
                         attempt: 0,
                     };
                     self.command(node, Action::Stop(stop));
+                }
+                if held && self.is_held(&attempt.task) {
+                    // A new agent knows nothing of an earlier hold.
+                    self.update_hold(&attempt.task);
                 }
                 continue;
             }

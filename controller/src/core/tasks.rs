@@ -187,6 +187,12 @@ impl Core {
             event = event.with("error", exited.error.clone());
         }
         self.emit(event);
+        if let Some(task) = self.tasks.get_mut(name) {
+            task.live.log_tail = exited.log_tail.clone();
+        }
+        if !exited.rule.is_empty() {
+            self.on_exit_rule(name, &exited);
+        }
 
         match exited.next.as_str() {
             "backoff" => {
@@ -255,16 +261,19 @@ impl Core {
             task.stop_reason.clone()
         };
         match stop_reason.as_str() {
-            "metric_nan" => {
-                self.release(name, TaskState::Failed, "metric_nan");
+            // Stops the controller decided for health (metric_nan, a rule) end failed;
+            // stops asked for by an operator or a shutdown end stopped.
+            reason
+                if !matches!(
+                    reason,
+                    "operator" | "shutdown" | "fenced" | "node_shutdown" | ""
+                ) =>
+            {
+                let message = format!("stopped for {reason}");
+                self.release(name, TaskState::Failed, reason);
                 let event = self
-                    .task_event(
-                        name,
-                        "task.failed",
-                        Severity::Error,
-                        "stopped: a metric is NaN or infinite",
-                    )
-                    .with("reason", "metric_nan");
+                    .task_event(name, "task.failed", Severity::Error, message)
+                    .with("reason", reason.to_string());
                 self.emit(event);
             }
             "node_shutdown" => {
@@ -405,6 +414,17 @@ impl Core {
             if self.tasks[name].state != TaskState::Stopping {
                 self.metric_nan(name, &metric);
             }
+        } else if let Some(message) = self.diverged(name, &report.metrics) {
+            if self.tasks[name].state != TaskState::Stopping {
+                let event = self
+                    .task_event(name, "task.unhealthy", Severity::Error, message.clone())
+                    .with("reason", "metric_diverged")
+                    .with("metric", "loss")
+                    .with("action", "stop");
+                self.emit(event);
+                self.open_incident(name, "", "metric_diverged", Severity::Error, &message);
+                self.request_stop(name, "metric_diverged");
+            }
         }
     }
 
@@ -461,28 +481,6 @@ impl Core {
         self.emit(event);
         self.open_incident(name, "", "metric_nan", Severity::Error, &message);
         self.request_stop(name, "metric_nan");
-    }
-
-    pub(super) fn on_log_match(&mut self, name: &str, attempt: u32, m: v1::LogMatch) {
-        let Some(task) = self.tasks.get(name) else {
-            return;
-        };
-        if attempt != task.attempt || !task.state.is_alive() {
-            return;
-        }
-        let event = self
-            .task_event(
-                name,
-                "task.unhealthy",
-                Severity::Error,
-                format!("{} matched fail pattern {:?}", m.stream, m.pattern),
-            )
-            .with("reason", "log_pattern")
-            .with("pattern", m.pattern)
-            .with("line", m.line)
-            .with("action", "restart");
-        self.emit(event);
-        self.request_restart(name, "log_pattern");
     }
 
     /// Asks the task's node to stop it; `reason` decides the final state on exit.

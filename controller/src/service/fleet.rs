@@ -291,12 +291,33 @@ impl FleetService for Fleet {
         request: Request<v1::AckIncidentRequest>,
     ) -> Result<Response<v1::Incident>, Status> {
         let caller = caller(&request);
+        let r = request.into_inner();
+        let (id, acked) = (r.id, !r.undo);
+        if id == 0 {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        let incident = self
+            .ask(|reply| core_::Request::Ack {
+                id,
+                acked,
+                caller,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(incident))
+    }
+
+    async fn resolve_incident(
+        &self,
+        request: Request<v1::ResolveIncidentRequest>,
+    ) -> Result<Response<v1::Incident>, Status> {
+        let caller = caller(&request);
         let id = request.into_inner().id;
         if id == 0 {
             return Err(Status::invalid_argument("id is required"));
         }
         let incident = self
-            .ask(|reply| core_::Request::Ack { id, caller, reply })
+            .ask(|reply| core_::Request::Resolve { id, caller, reply })
             .await?;
         Ok(Response::new(incident))
     }

@@ -41,6 +41,7 @@ struct TaskDoc {
     restart: Option<RestartDoc>,
     health: Option<HealthDoc>,
     stop: Option<StopDoc>,
+    escalation: Option<EscalationDoc>,
     matrix: Option<BTreeMap<String, Vec<MatrixValue>>>,
 }
 
@@ -89,6 +90,42 @@ struct HealthDoc {
     nan_metrics: Vec<String>,
     #[serde(default)]
     fail_patterns: Vec<String>,
+    #[serde(default)]
+    packs: Vec<String>,
+    #[serde(default)]
+    rules: Vec<RuleDoc>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDoc {
+    name: String,
+    on: String,
+    #[serde(default)]
+    pattern: String,
+    #[serde(default)]
+    exit_codes: Vec<i32>,
+    #[serde(default)]
+    signals: Vec<i32>,
+    #[serde(default)]
+    oom: bool,
+    action: String,
+    #[serde(default)]
+    severity: String,
+    #[serde(default)]
+    wait: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EscalationDoc {
+    #[serde(default)]
+    slack_channel: String,
+    #[serde(default)]
+    slack_user: String,
+    pagerduty: Option<bool>,
+    #[serde(default)]
+    severity: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -265,8 +302,30 @@ impl TaskDoc {
                 progress_timeout: h.progress_timeout,
                 nan_metrics: h.nan_metrics,
                 fail_patterns: h.fail_patterns,
+                packs: h.packs,
+                rules: h
+                    .rules
+                    .into_iter()
+                    .map(|r| v1::HealthRule {
+                        name: r.name,
+                        on: r.on,
+                        pattern: r.pattern,
+                        exit_codes: r.exit_codes,
+                        signals: r.signals,
+                        oom: r.oom,
+                        action: r.action,
+                        severity: r.severity,
+                        wait: r.wait,
+                    })
+                    .collect(),
             }),
             stop: self.stop.map(|s| v1::StopSpec { grace: s.grace }),
+            escalation: self.escalation.map(|e| v1::EscalationSpec {
+                slack_channel: e.slack_channel,
+                slack_user: e.slack_user,
+                pagerduty: e.pagerduty,
+                severity: e.severity,
+            }),
         }
     }
 }

@@ -31,7 +31,9 @@ pub struct HealthRules {
     pub progress_timeout: Option<Duration>,
     /// Metrics checked for NaN and Inf; empty means every metric.
     pub nan_metrics: Vec<String>,
-    pub fail_patterns: Vec<String>,
+    /// The task's own rules, its fail patterns, then its packs' rules.
+    pub rules: Vec<super::health::Rule>,
+    pub flags: super::health::PackFlags,
 }
 
 /// Everything a part needs to act on a task, resolved from its spec.
@@ -55,6 +57,7 @@ impl Rules {
         let dur = |s: &str| (!s.is_empty()).then(|| duration::parse(s).ok()).flatten();
         let restart = spec.restart.clone().unwrap_or_default();
         let health = spec.health.clone().unwrap_or_default();
+        let (rules, flags) = super::health::resolve(&health);
         let policy = match restart.policy.as_str() {
             "always" => Policy::Always,
             "never" => Policy::Never,
@@ -75,7 +78,8 @@ impl Rules {
                 progress_metric: Some(health.progress_metric).filter(|m| !m.is_empty()),
                 progress_timeout: dur(&health.progress_timeout).filter(|d| !d.is_zero()),
                 nan_metrics: health.nan_metrics,
-                fail_patterns: health.fail_patterns,
+                rules,
+                flags,
             },
             grace: spec
                 .stop

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use super::health::{Action, PACKS, SEVERITIES};
 use crate::duration;
 use crate::v1;
 
@@ -89,6 +90,29 @@ pub fn validate(spec: &v1::TaskSpec) -> Result<(), Vec<FieldError>> {
     check_health(spec.health.as_ref(), &mut bad);
     if let Some(stop) = &spec.stop {
         check_duration("stop.grace", &stop.grace, &mut bad);
+    }
+    if let Some(e) = &spec.escalation {
+        if !e.severity.is_empty() && !SEVERITIES.contains(&e.severity.as_str()) {
+            bad(
+                "escalation.severity",
+                format!(
+                    "is {:?}; expected one of {}",
+                    e.severity,
+                    SEVERITIES.join(", ")
+                ),
+            );
+        }
+        for (field, value) in [
+            ("escalation.slack_channel", &e.slack_channel),
+            ("escalation.slack_user", &e.slack_user),
+        ] {
+            if value.len() > 128 || value.chars().any(char::is_control) {
+                bad(
+                    field,
+                    "must be at most 128 characters without control characters".into(),
+                );
+            }
+        }
     }
 
     if errors.is_empty() {
@@ -283,6 +307,26 @@ fn check_health(health: Option<&v1::HealthSpec>, bad: &mut impl FnMut(&str, Stri
             ),
         );
     }
+    for (i, pack) in h.packs.iter().enumerate() {
+        if !PACKS.contains(&pack.as_str()) {
+            bad(
+                &format!("health.packs[{i}]"),
+                format!(
+                    "{pack:?} is not a rule pack; known packs: {}",
+                    PACKS.join(", ")
+                ),
+            );
+        }
+    }
+    if h.rules.len() > Limits::PATTERNS {
+        bad(
+            "health.rules",
+            format!("has {} rules, at most {}", h.rules.len(), Limits::PATTERNS),
+        );
+    }
+    for (i, rule) in h.rules.iter().enumerate() {
+        check_rule(&format!("health.rules[{i}]"), rule, bad);
+    }
     for (i, pattern) in h.fail_patterns.iter().enumerate() {
         let field = format!("health.fail_patterns[{i}]");
         if pattern.len() > Limits::PATTERN_LEN {
@@ -294,6 +338,65 @@ fn check_health(health: Option<&v1::HealthSpec>, bad: &mut impl FnMut(&str, Stri
             bad(&field, format!("is not a valid regular expression: {e}"));
         }
     }
+}
+
+fn check_rule(field: &str, rule: &v1::HealthRule, bad: &mut impl FnMut(&str, String)) {
+    if let Err(problem) = check_name(&rule.name) {
+        bad(&format!("{field}.name"), problem);
+    }
+    match rule.on.as_str() {
+        "output" => {
+            if rule.pattern.is_empty() {
+                bad(
+                    &format!("{field}.pattern"),
+                    "is required when on = \"output\"".into(),
+                );
+            } else if rule.pattern.len() > Limits::PATTERN_LEN {
+                bad(
+                    &format!("{field}.pattern"),
+                    format!("is longer than {} bytes", Limits::PATTERN_LEN),
+                );
+            } else if let Err(e) = regex::Regex::new(&rule.pattern) {
+                bad(
+                    &format!("{field}.pattern"),
+                    format!("is not a valid regular expression: {e}"),
+                );
+            }
+        }
+        "exit" => {
+            if rule.exit_codes.is_empty() && rule.signals.is_empty() && !rule.oom {
+                bad(
+                    field,
+                    "with on = \"exit\" needs exit_codes, signals or oom = true".into(),
+                );
+            }
+        }
+        other => bad(
+            &format!("{field}.on"),
+            format!("is {other:?}; expected \"output\" or \"exit\""),
+        ),
+    }
+    if Action::parse(&rule.action).is_none() {
+        bad(
+            &format!("{field}.action"),
+            format!(
+                "is {:?}; expected one of {}",
+                rule.action,
+                Action::NAMES.join(", ")
+            ),
+        );
+    }
+    if !rule.severity.is_empty() && !SEVERITIES.contains(&rule.severity.as_str()) {
+        bad(
+            &format!("{field}.severity"),
+            format!(
+                "is {:?}; expected one of {}",
+                rule.severity,
+                SEVERITIES.join(", ")
+            ),
+        );
+    }
+    check_duration(&format!("{field}.wait"), &rule.wait, bad);
 }
 
 /// Checks an optional duration field; returns the value when it is set and valid.
