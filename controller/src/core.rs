@@ -177,6 +177,15 @@ impl Core {
         inbox: Arc<Inbox>,
     ) -> Result<Core, CoreError> {
         let loaded = store.load()?;
+        // Events the database has but the inbox lost in a crash between the two writes.
+        let missing = store.events_after(inbox.last_seq())?;
+        if !missing.is_empty() {
+            tracing::warn!(
+                events = missing.len(),
+                "restoring inbox events committed before a crash"
+            );
+            inbox.append(&missing)?;
+        }
         let mut core = Core {
             cfg,
             inbox,
@@ -353,10 +362,7 @@ impl Core {
     /// decided to do.
     fn commit(&mut self) -> Result<(), CoreError> {
         let mut batch = std::mem::take(&mut self.batch);
-        if !batch.events.is_empty() {
-            self.inbox.append(&mut batch.events)?;
-            batch.meta.push(("seq", self.inbox.last_seq() as i64));
-        }
+        self.inbox.number(&mut batch.events);
         let changes = Changes {
             tasks: batch
                 .dirty_tasks
@@ -374,8 +380,12 @@ impl Core {
             meta: batch.meta,
             groups: batch.groups,
             deliveries: batch.deliveries,
+            events: &batch.events,
         };
+        // The events are durable in the database with the state they explain, then in the
+        // inbox; a crash between the two is mended at start from the database.
         self.store.commit(&changes)?;
+        self.inbox.append(&batch.events)?;
         self.inbox.publish(batch.events);
         for notice in batch.notices {
             match self.alerts.queues.get(&notice.dest) {

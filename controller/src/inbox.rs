@@ -40,6 +40,8 @@ pub struct Inbox {
     dir: PathBuf,
     segment_bytes: u64,
     writer: Mutex<Writer>,
+    /// The last seq handed out; ahead of the writer while a batch is being committed.
+    numbered: Mutex<u64>,
     live: broadcast::Sender<Arc<Event>>,
 }
 
@@ -69,6 +71,7 @@ impl Inbox {
                 size,
                 last_seq,
             }),
+            numbered: Mutex::new(last_seq),
             live,
         })
     }
@@ -77,22 +80,31 @@ impl Inbox {
         self.writer.lock().expect("inbox writer poisoned").last_seq
     }
 
-    /// Appends events, numbering them from `last_seq + 1`, and syncs them to disk before
-    /// returning. Nothing is broadcast until [`Inbox::publish`].
-    pub fn append(&self, events: &mut [Event]) -> Result<(), InboxError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut w = self.writer.lock().expect("inbox writer poisoned");
+    /// Numbers events after the last one numbered (written or not) and stamps their time.
+    pub fn number(&self, events: &mut [Event]) {
+        let mut next = self.numbered.lock().expect("inbox numbering poisoned");
         let ts = rfc3339(now_ms());
-        let mut buf = Vec::with_capacity(events.len() * 256);
-        let mut seq = w.last_seq;
         for event in events.iter_mut() {
-            seq += 1;
-            event.seq = seq;
+            *next += 1;
+            event.seq = *next;
             event.ts = ts.clone();
+        }
+    }
+
+    /// Appends numbered events and syncs them to disk before returning. Events at or below
+    /// the last written seq are skipped, so replaying a batch after a crash is harmless.
+    pub fn append(&self, events: &[Event]) -> Result<(), InboxError> {
+        let mut w = self.writer.lock().expect("inbox writer poisoned");
+        let mut buf = Vec::with_capacity(events.len() * 256);
+        let mut last = w.last_seq;
+        for event in events.iter().filter(|e| e.seq > w.last_seq) {
+            debug_assert_eq!(event.seq, last + 1, "inbox seqs are contiguous");
+            last = event.seq;
             serde_json::to_writer(&mut buf, event).expect("events serialize");
             buf.push(b'\n');
+        }
+        if buf.is_empty() {
+            return Ok(());
         }
 
         if w.size > 0 && w.size + buf.len() as u64 > self.segment_bytes {
@@ -110,8 +122,16 @@ impl Inbox {
         w.file.write_all(&buf).map_err(io_err(&path))?;
         w.file.sync_data().map_err(io_err(&path))?;
         w.size += buf.len() as u64;
-        w.last_seq = seq;
+        w.last_seq = last;
+        let mut numbered = self.numbered.lock().expect("inbox numbering poisoned");
+        *numbered = (*numbered).max(last);
         Ok(())
+    }
+
+    /// Makes numbering continue after `seq` (the state store may know later events).
+    pub fn continue_after(&self, seq: u64) {
+        let mut numbered = self.numbered.lock().expect("inbox numbering poisoned");
+        *numbered = (*numbered).max(seq);
     }
 
     /// Hands durable events to watchers.
@@ -239,6 +259,30 @@ mod tests {
     use super::*;
     use crate::event::Severity;
 
+    fn append(inbox: &Inbox, events: &mut [Event]) {
+        inbox.number(events);
+        inbox.append(events).unwrap();
+    }
+
+    #[test]
+    fn replayed_events_are_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+        let mut batch = events(3);
+        inbox.number(&mut batch);
+
+        inbox.append(&batch[..2]).unwrap();
+        inbox.append(&batch).unwrap();
+
+        let seqs: Vec<u64> = inbox
+            .read(0, 100, |_| true)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
     fn events(n: usize) -> Vec<Event> {
         (0..n)
             .map(|i| Event::new("task.report", Severity::Info, format!("e{i}")))
@@ -249,13 +293,13 @@ mod tests {
     fn seq_continues_across_reopen_and_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = Inbox::open(dir.path(), 300).unwrap();
-        inbox.append(&mut events(3)).unwrap();
-        inbox.append(&mut events(3)).unwrap();
+        append(&inbox, &mut events(3));
+        append(&inbox, &mut events(3));
         drop(inbox);
 
         let inbox = Inbox::open(dir.path(), 300).unwrap();
         let mut more = events(2);
-        inbox.append(&mut more).unwrap();
+        append(&inbox, &mut more);
 
         assert_eq!(more[1].seq, 8);
         let all = inbox.read(0, 100, |_| true).unwrap();
@@ -270,7 +314,7 @@ mod tests {
     fn torn_last_line_is_dropped_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
-        inbox.append(&mut events(2)).unwrap();
+        append(&inbox, &mut events(2));
         drop(inbox);
         let path = segments(dir.path()).unwrap()[0].1.clone();
         OpenOptions::new()
@@ -282,7 +326,7 @@ mod tests {
 
         let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
         let mut next = events(1);
-        inbox.append(&mut next).unwrap();
+        append(&inbox, &mut next);
 
         assert_eq!(next[0].seq, 3);
         assert_eq!(inbox.read(0, 100, |_| true).unwrap().len(), 3);
@@ -292,7 +336,7 @@ mod tests {
     fn read_starts_at_from_and_filters() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = Inbox::open(dir.path(), 200).unwrap();
-        inbox.append(&mut events(10)).unwrap();
+        append(&inbox, &mut events(10));
 
         let got = inbox.read(7, 2, |e| e.message != "e7").unwrap();
 

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     opened_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, resolved_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, instance TEXT NOT NULL, acked_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, line TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alert_groups (id INTEGER PRIMARY KEY, state TEXT NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alert_deliveries (
     id INTEGER PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL, error TEXT NOT NULL,
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS alert_deliveries (
 
 /// Everything a batch changed, written together.
 #[derive(Default)]
-pub struct Changes {
+pub struct Changes<'a> {
     pub tasks: Vec<TaskRecord>,
     pub attempts: Vec<v1::Attempt>,
     pub incidents: Vec<Incident>,
@@ -54,9 +55,10 @@ pub struct Changes {
     pub meta: Vec<(&'static str, i64)>,
     pub groups: Vec<Group>,
     pub deliveries: Vec<Delivery>,
+    pub events: &'a [crate::event::Event],
 }
 
-impl Changes {
+impl Changes<'_> {
     pub fn is_empty(&self) -> bool {
         self.tasks.is_empty()
             && self.attempts.is_empty()
@@ -65,6 +67,7 @@ impl Changes {
             && self.meta.is_empty()
             && self.groups.is_empty()
             && self.deliveries.is_empty()
+            && self.events.is_empty()
     }
 }
 
@@ -86,9 +89,8 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // The inbox is fsynced before every commit; NORMAL keeps WAL commits durable
-        // against process crashes and cheap.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Every commit is durable before the controller acts on it (one fsync per batch).
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store { conn })
     }
@@ -202,7 +204,7 @@ impl Store {
     }
 
     /// Writes a batch's changes in one transaction.
-    pub fn commit(&mut self, changes: &Changes) -> Result<(), StoreError> {
+    pub fn commit(&mut self, changes: &Changes<'_>) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -293,6 +295,20 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Events committed after `seq`, to mend an inbox that missed them in a crash.
+    pub fn events_after(&self, seq: u64) -> Result<Vec<crate::event::Event>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT line FROM events WHERE seq > ?1 ORDER BY seq")?;
+        let lines = stmt
+            .query_map([seq as i64], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
     }
 
     pub fn attempts(&self, task: &str) -> Result<Vec<v1::Attempt>, StoreError> {
