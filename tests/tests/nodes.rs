@@ -75,7 +75,7 @@ fn lost_node_task_moves_and_the_old_attempt_is_fenced_on_return() {
         other(&old_node),
         "placed on the other node: {moved}"
     );
-    fleet.wait_for_event(
+    let returned = fleet.wait_for_event(
         |e| {
             seq_of(e) > seq_of(&lost)
                 && e["kind"] == "node.returned"
@@ -83,6 +83,12 @@ fn lost_node_task_moves_and_the_old_attempt_is_fenced_on_return() {
         },
         TASK_DEADLINE,
     );
+    let fenced = &returned["data"]["fenced"][0];
+    assert_eq!(
+        fenced["task"], "roamer",
+        "the fencing is recorded: {returned}"
+    );
+    assert_eq!(fenced["attempt"], 1, "{returned}");
     wait_until("the replaced attempt to be stopped", TASK_DEADLINE, || {
         (!pid_alive(old_pid)).then_some(())
     });

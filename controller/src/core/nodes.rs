@@ -51,6 +51,19 @@ impl Core {
         self.node_memory.insert(name.clone(), node.memory.clone());
         self.batch.nodes.insert(name.clone());
 
+        self.batch.sends.push((
+            session,
+            v1::ControllerMessage {
+                body: Some(v1::controller_message::Body::Welcome(v1::Welcome {
+                    epoch: self.epoch,
+                    heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
+                    acked_seq,
+                })),
+            },
+        ));
+        // Attempts replaced while the node was away are stopped (fencing) and named in the
+        // node's event.
+        let fenced = self.reconcile(&name, &hello.attempts, same_instance);
         let kind = if was_lost {
             "node.returned"
         } else {
@@ -72,29 +85,25 @@ impl Core {
         .with("memory_mb", capacity.memory_mb)
         .with("version", hello.version.clone())
         .with("running", hello.attempts.len())
-        .with("restarted_agent", existed && !same_instance);
+        .with("restarted_agent", existed && !same_instance)
+        .with("fenced", fenced);
         self.emit(event);
         if was_lost {
             self.resolve_incident("", &name, "node_lost", "node reconnected");
         }
         tracing::info!(node = %name, epoch = self.epoch, running = hello.attempts.len(), "node session started");
 
-        self.batch.sends.push((
-            session,
-            v1::ControllerMessage {
-                body: Some(v1::controller_message::Body::Welcome(v1::Welcome {
-                    epoch: self.epoch,
-                    heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
-                    acked_seq,
-                })),
-            },
-        ));
-        self.reconcile(&name, &hello.attempts, same_instance);
         self.batch.place = true;
     }
 
     /// Compares what the node runs with what the controller believes, and mends both sides.
-    fn reconcile(&mut self, node: &str, running: &[v1::RunningAttempt], same_instance: bool) {
+    fn reconcile(
+        &mut self,
+        node: &str,
+        running: &[v1::RunningAttempt],
+        same_instance: bool,
+    ) -> Vec<serde_json::Value> {
+        let mut fenced = Vec::new();
         let reported: HashSet<&str> = running.iter().map(|a| a.task.as_str()).collect();
         for attempt in running {
             let belongs = self.tasks.get(&attempt.task).is_some_and(|t| {
@@ -124,17 +133,11 @@ impl Core {
                 continue;
             }
             // The task was replaced, stopped or forgotten while the node was away: fence it.
-            let event = self
-                .task_event(
-                    &attempt.task,
-                    "task.stopped",
-                    Severity::Warning,
-                    format!("fenced: attempt {} on {node} was replaced", attempt.attempt),
-                )
-                .node(node)
-                .attempt(attempt.attempt)
-                .with("reason", "fenced");
-            self.emit(event);
+            tracing::warn!(node, task = %attempt.task, attempt = attempt.attempt, "fencing a replaced attempt");
+            let now_at = self.tasks.get(&attempt.task).map_or(String::new(), |t| {
+                format!("{} attempt {}", t.node, t.attempt)
+            });
+            fenced.push(serde_json::json!({ "task": attempt.task, "attempt": attempt.attempt, "pid": attempt.pid, "replaced_by": now_at }));
             self.command(
                 node,
                 Action::Stop(v1::StopTask {
@@ -164,6 +167,7 @@ impl Core {
                 self.attempt_lost(&name, "node_restarted");
             }
         }
+        fenced
     }
 
     pub(super) fn on_batch(&mut self, session_id: u64, node: &str, batch: v1::NodeBatch) {

@@ -165,12 +165,12 @@ const MAX_EXPANDED_TASKS: usize = 10_000;
 /// docker-compose resolves paths against the compose file, so a sweep can be submitted
 /// from anywhere.
 pub fn parse_file(text: &str, base_dir: &Path) -> Result<Vec<v1::TaskSpec>, ParseError> {
-    let table: toml::Table = toml::from_str(text).map_err(|e| ParseError::Toml(e.to_string()))?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     let docs = if table.contains_key("task") {
-        let sweep: SweepDoc = toml::from_str(text).map_err(|e| ParseError::Toml(e.to_string()))?;
+        let sweep: SweepDoc = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         sweep.task
     } else {
-        vec![toml::from_str::<TaskDoc>(text).map_err(|e| ParseError::Toml(e.to_string()))?]
+        vec![toml::from_str::<TaskDoc>(text).map_err(|e| toml_error(text, &e))?]
     };
 
     let mut specs = Vec::new();
@@ -212,6 +212,18 @@ pub fn parse_file(text: &str, base_dir: &Path) -> Result<Vec<v1::TaskSpec>, Pars
         Ok(specs)
     } else {
         Err(ParseError::Invalid(errors))
+    }
+}
+
+/// One line: where in the file, and what is wrong (toml's own text spans several lines).
+fn toml_error(text: &str, e: &toml::de::Error) -> ParseError {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            ParseError::Toml(format!("line {line}: {message}"))
+        }
+        None => ParseError::Toml(message),
     }
 }
 
@@ -377,6 +389,8 @@ command = ["sleep", "1"]
         .unwrap_err();
 
         assert!(err.to_string().contains("comand"), "{err}");
+        assert!(err.to_string().starts_with("line 3: "), "{err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
     }
 
     #[test]
