@@ -43,6 +43,8 @@ pub struct LogFile {
     limits: LogLimits,
     /// Bytes lost because the file could not be written (disk full, ...).
     pub dropped: u64,
+    /// The first write error, kept for the one event that reports dropping.
+    pub error: Option<String>,
 }
 
 impl LogFile {
@@ -62,6 +64,7 @@ impl LogFile {
             size,
             limits,
             dropped: 0,
+            error: None,
         }
     }
 
@@ -69,9 +72,16 @@ impl LogFile {
         if self.size + bytes.len() as u64 > self.limits.max_file_bytes && self.size > 0 {
             self.rotate();
         }
-        let written = match self.file.as_mut() {
-            Some(f) => f.write_all(bytes).is_ok(),
-            None => false,
+        let written = match self.file.as_mut().map(|f| f.write_all(bytes)) {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                self.error.get_or_insert_with(|| e.to_string());
+                false
+            }
+            None => {
+                self.error.get_or_insert_with(|| format!("cannot open {}", self.path.display()));
+                false
+            }
         };
         if written {
             self.size += bytes.len() as u64;
@@ -150,7 +160,9 @@ pub async fn drain(
     mut file: LogFile,
     tail: Tail,
     mut on_line: impl FnMut(&str),
+    on_first_drop: impl FnOnce(&str),
 ) -> io::Result<u64> {
+    let mut on_first_drop = Some(on_first_drop);
     let mut reader = pipe::Receiver::from_owned_fd(pipe.into())?;
     let mut splitter = LineSplitter::new(file.limits.max_line_bytes);
     let tail_lines = file.limits.tail_lines;
@@ -163,6 +175,11 @@ pub async fn drain(
             Err(e) => return Err(e),
         };
         file.write(&buf[..n]);
+        if file.dropped > 0 {
+            if let Some(report) = on_first_drop.take() {
+                report(file.error.as_deref().unwrap_or("write failed"));
+            }
+        }
         splitter.feed(&buf[..n], |line| {
             on_line(&line);
             let mut tail = tail.lock().expect("log tail poisoned");

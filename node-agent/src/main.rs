@@ -77,6 +77,7 @@ fn total_memory_mb() -> u64 {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(&args.log_format);
+    raise_open_file_limit();
 
     let config = Config {
         controller: args.controller,
@@ -121,6 +122,19 @@ fn main() -> ExitCode {
         agent.run(async { let _ = first_rx.await; }).await;
         ExitCode::SUCCESS
     })
+}
+
+/// Many children mean many pipes and log files: lift the soft open-file limit to the hard
+/// one before anything starts.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        },
+        _ => {}
+    }
 }
 
 fn init_tracing(format: &str) {

@@ -128,8 +128,40 @@ fn reap_forever(reaper: &Reaper) {
     }
 }
 
+/// Why an attempt could not start: a kind for people and rules, and the message with the
+/// path and the OS error.
+#[derive(Debug, Clone)]
+pub struct SpawnError {
+    /// missing_workdir, missing_binary, not_executable, fd_limit or spawn_error
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl SpawnError {
+    fn from_io(launch: &Launch, e: &io::Error) -> SpawnError {
+        let program = if launch.shell { "/bin/sh" } else { launch.argv[0].as_str() };
+        let (kind, what) = match (e.kind(), e.raw_os_error()) {
+            (_, Some(libc::EMFILE | libc::ENFILE)) => ("fd_limit", "the open-file limit is reached".to_string()),
+            (io::ErrorKind::NotFound, _) => ("missing_binary", format!("program {program:?} not found")),
+            (io::ErrorKind::PermissionDenied, _) => ("not_executable", format!("program {program:?} is not executable")),
+            _ => ("spawn_error", format!("cannot start {program:?}")),
+        };
+        SpawnError { kind, message: format!("{what} (workdir {}): {e}", launch.workdir.display()) }
+    }
+}
+
 /// Starts an attempt's main process in a process group of its own.
-pub fn spawn(launch: &Launch) -> io::Result<Spawned> {
+pub fn spawn(launch: &Launch) -> Result<Spawned, SpawnError> {
+    // A missing workdir fails exec with the same ENOENT as a missing binary; tell them apart.
+    match std::fs::metadata(&launch.workdir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(SpawnError { kind: "missing_workdir", message: format!("workdir {} is not a directory", launch.workdir.display()) }),
+        Err(e) => return Err(SpawnError { kind: "missing_workdir", message: format!("workdir {}: {e}", launch.workdir.display()) }),
+    }
+    spawn_process(launch).map_err(|e| SpawnError::from_io(launch, &e))
+}
+
+fn spawn_process(launch: &Launch) -> io::Result<Spawned> {
     let (program, args): (OsString, Vec<String>) = if launch.shell {
         let mut args = vec!["-c".to_string()];
         args.extend(launch.argv.iter().cloned());

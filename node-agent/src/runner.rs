@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use muster_proto::spec::health::{Action, Rule};
 use muster_proto::spec::{Policy, Rules};
-use muster_proto::v1::{node_event::Kind, AttemptExited, AttemptStarted, Settled, TaskSpec};
+use muster_proto::v1::{node_event::Kind, AttemptExited, AttemptStarted, LogDropped, Settled, TaskSpec};
 
 use crate::logs::{self, LogFile, Tail};
 use crate::outbox::now_ms;
@@ -74,7 +74,7 @@ struct Decision {
 struct AttemptEnd {
     exit: Option<Exit>,
     runtime: Duration,
-    spawn_error: Option<String>,
+    spawn_error: Option<process::SpawnError>,
     requested: Option<Requested>,
     tail: Vec<String>,
 }
@@ -123,7 +123,7 @@ impl Runner {
                     backoff_ms: d.backoff.as_millis() as u64,
                     runtime_ms: end.runtime.as_millis() as u64,
                     restarts_in_window: restarts.len() as u32,
-                    error: end.spawn_error.clone().unwrap_or_default(),
+                    error: end.spawn_error.as_ref().map_or(String::new(), |e| e.message.clone()),
                     log_tail: end.tail,
                     rule: rule.map_or(String::new(), |r| r.name.clone()),
                     action: rule.map_or(String::new(), |r| r.action.as_str().to_string()),
@@ -190,7 +190,7 @@ impl Runner {
         // OOM killer; without cgroup events this stays a suspicion, named as such.
         let oom = end.requested.is_none() && (signal == Some(9) || code == Some(137));
         let class = match (end.exit, &end.spawn_error) {
-            (_, Some(_)) => "spawn_error",
+            (_, Some(e)) => e.kind,
             _ if oom => "oom_kill",
             (Some(Exit::Signal(_)), _) => "signal",
             _ => "exit_code",
@@ -204,6 +204,13 @@ impl Runner {
                 class,
             };
 
+        if end.spawn_error.is_some() {
+            // Not a crash of the program: retry with backoff, never a crash loop, and let the
+            // controller tell a person.
+            let delay = backoff(&self.rules, *failures);
+            *failures = failures.saturating_add(1);
+            return decision("backoff", "spawn_error".into(), delay, None);
+        }
         let restart_reason = match &end.requested {
             Some(Requested::Stop(reason)) => {
                 return decision("stopped", reason.clone(), Duration::ZERO, None)
@@ -310,16 +317,11 @@ impl Runner {
         let spawned = match process::spawn(&launch) {
             Ok(s) => s,
             Err(e) => {
-                let error = format!(
-                    "cannot start {:?} in {}: {e}",
-                    launch.argv[0],
-                    launch.workdir.display()
-                );
-                tracing::warn!(task = %name, attempt, %error, "spawn failed");
+                tracing::warn!(task = %name, attempt, kind = e.kind, error = %e.message, "spawn failed");
                 return AttemptEnd {
                     exit: None,
                     runtime: Duration::ZERO,
-                    spawn_error: Some(error),
+                    spawn_error: Some(e),
                     requested: None,
                     tail: Vec::new(),
                 };
@@ -346,11 +348,17 @@ impl Runner {
             let matcher = matcher.clone();
             let outbox = self.ctx.outbox.clone();
             let task = name.clone();
-            tokio::spawn(logs::drain(fd, file, tail.clone(), move |line| {
+            let dropped = (outbox.clone(), task.clone());
+            let on_line = move |line: &str| {
                 if let Some(found) = matcher.check(line, stream) {
                     outbox.push(&task, attempt, Kind::LogMatch(found));
                 }
-            }))
+            };
+            let on_drop = move |error: &str| {
+                let event = LogDropped { stream: stream.into(), error: error.to_string() };
+                dropped.0.push(&dropped.1, attempt, Kind::LogDropped(event));
+            };
+            tokio::spawn(logs::drain(fd, file, tail.clone(), on_line, on_drop))
         });
 
         let mut status = StatusTail::new(status_path);

@@ -247,6 +247,15 @@ impl Core {
             Some(Kind::Settled(s)) => {
                 self.on_settled(&event.task, event.attempt, &s.state, &s.reason)
             }
+            Some(Kind::LogDropped(d)) => {
+                let message = format!("{} output is being dropped: {}", d.stream, d.error);
+                let event = self
+                    .task_event(&event.task, "task.unhealthy", Severity::Warning, message)
+                    .with("reason", "log_dropped")
+                    .with("stream", d.stream)
+                    .with("action", "none");
+                self.emit(event);
+            }
             None => {}
         }
     }

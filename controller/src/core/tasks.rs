@@ -118,6 +118,7 @@ impl Core {
             .with("pid", pid);
         self.emit(event);
         self.schedule_health(name);
+        self.resolve_incident(name, "", "spawn_error", "an attempt started");
     }
 
     pub(super) fn on_exited(
@@ -189,6 +190,11 @@ impl Core {
         self.emit(event);
         if let Some(task) = self.tasks.get_mut(name) {
             task.live.log_tail = exited.log_tail.clone();
+        }
+        if !exited.error.is_empty() {
+            // The program did not even start: a person must fix the path, the workdir or
+            // the permissions; the node keeps retrying with backoff meanwhile.
+            self.open_incident(name, "", "spawn_error", Severity::Error, &format!("{}: {}", exited.class, exited.error));
         }
         if !exited.rule.is_empty() {
             self.on_exit_rule(name, &exited);
