@@ -47,6 +47,12 @@ impl From<tonic::Status> for Failure {
             _ => Failure::FAILED,
         };
         let message = match status.code() {
+            Code::Cancelled | Code::DeadlineExceeded
+                if status.message().contains("Timeout")
+                    || status.code() == Code::DeadlineExceeded =>
+            {
+                "the controller did not answer within 30s".to_string()
+            }
             Code::Unavailable
                 if status.message().contains("transport") || status.message().is_empty() =>
             {
@@ -76,8 +82,18 @@ pub fn resolve(flag: Option<&str>, data_dir: &Path) -> Result<String, Failure> {
     }
 }
 
+/// A client whose calls give up after 30 s, so a stuck controller never hangs the CLI.
 pub async fn connect(url: &str) -> Result<Client, Failure> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+    connect_with(url, Some(Duration::from_secs(30))).await
+}
+
+/// A client for long streams (`--follow`): no deadline on a call.
+pub async fn connect_streaming(url: &str) -> Result<Client, Failure> {
+    connect_with(url, None).await
+}
+
+async fn connect_with(url: &str, timeout: Option<Duration>) -> Result<Client, Failure> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|_| {
             Failure::usage(format!(
                 "controller address {url:?} is not a URL like http://127.0.0.1:7070"
@@ -85,6 +101,9 @@ pub async fn connect(url: &str) -> Result<Client, Failure> {
         })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    if let Some(t) = timeout {
+        endpoint = endpoint.timeout(t);
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         Failure::failed(format!(
             "cannot reach the controller at {url}: {}",

@@ -19,7 +19,7 @@ use tokio_stream::StreamExt;
 
 use muster_proto::v1;
 
-use crate::client::{Client, Failure};
+use crate::client::Failure;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -150,9 +150,15 @@ enum Cmd {
         /// Take the acknowledgement back.
         #[arg(long)]
         undo: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Resolve an incident by hand.
-    Resolve { id: u64 },
+    Resolve {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Health rules.
     #[command(subcommand)]
     Rules(RulesCmd),
@@ -246,6 +252,15 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let connect = || async {
         client::connect(&client::resolve(cli.controller.as_deref(), &cli.data_dir)?).await
+    };
+    let (controller, data_dir) = (cli.controller.clone(), cli.data_dir.clone());
+    let streaming = |follow: bool| async move {
+        let url = client::resolve(controller.as_deref(), &data_dir)?;
+        if follow {
+            client::connect_streaming(&url).await
+        } else {
+            client::connect(&url).await
+        }
     };
     match cli.command {
         Cmd::Up {
@@ -380,7 +395,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 tail_bytes: tail.max(1),
                 follow,
             };
-            let mut stream = connect().await?.tail_logs(request).await?.into_inner();
+            let mut stream = streaming(follow)
+                .await?
+                .tail_logs(request)
+                .await?
+                .into_inner();
             let mut stdout = std::io::stdout();
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk?;
@@ -422,7 +441,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             task,
             kind,
             json,
-        } => inbox(connect().await?, follow, since, task, kind, json).await,
+        } => {
+            let url = client::resolve(cli.controller.as_deref(), &cli.data_dir)?;
+            inbox(&url, follow, since, task, kind, json).await
+        }
         Cmd::Incidents { all, json } => {
             let incidents = connect()
                 .await?
@@ -464,22 +486,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Ack { id, undo } => {
+        Cmd::Ack { id, undo, json } => {
             let incident = connect()
                 .await?
                 .ack_incident(v1::AckIncidentRequest { id, undo })
                 .await?
                 .into_inner();
-            println!("incident {} {}", incident.id, incident.state);
+            print_incident(&incident, json);
             Ok(())
         }
-        Cmd::Resolve { id } => {
+        Cmd::Resolve { id, json } => {
             let incident = connect()
                 .await?
                 .resolve_incident(v1::ResolveIncidentRequest { id })
                 .await?
                 .into_inner();
-            println!("incident {} {}", incident.id, incident.state);
+            print_incident(&incident, json);
             Ok(())
         }
         Cmd::Rules(RulesCmd::Check {
@@ -488,6 +510,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             exit_code,
             signal,
         }) => rules::check(&file, line.as_deref(), exit_code, signal),
+    }
+}
+
+fn print_incident(incident: &v1::Incident, json: bool) {
+    if json {
+        print_json(&output::incident_json(incident));
+    } else {
+        println!("incident {} {}", incident.id, incident.state);
     }
 }
 
@@ -508,7 +538,7 @@ fn print_json(value: &serde_json::Value) {
 }
 
 async fn inbox(
-    mut client: Client,
+    url: &str,
     follow: bool,
     since: Option<u64>,
     task: Option<String>,
@@ -523,55 +553,110 @@ async fn inbox(
             output::event_line(e)
         };
         let mut stdout = std::io::stdout();
-        let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+        writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_ok()
     };
-    let from = match since {
+    let mut client = client::connect(url).await?;
+    let mut next = match since {
         Some(seq) => seq,
         None => {
-            let last = client
-                .read_inbox(v1::ReadInboxRequest {
-                    from_seq: u64::MAX,
-                    limit: 1,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .last_seq;
+            let request = v1::ReadInboxRequest {
+                from_seq: u64::MAX,
+                limit: 1,
+                ..Default::default()
+            };
+            let last = client.read_inbox(request).await?.into_inner().last_seq;
             last.saturating_sub(49).max(1)
         }
     };
     if follow {
-        let mut stream = client
-            .watch(v1::WatchRequest {
-                from_seq: from,
-                task,
-                kind,
-            })
-            .await?
-            .into_inner();
-        while let Some(event) = stream.next().await {
-            print(&event?);
-        }
-        return Ok(());
+        return follow_inbox(url, next, &task, &kind, print).await;
     }
-    let mut next = from;
     loop {
-        let page = client
-            .read_inbox(v1::ReadInboxRequest {
-                from_seq: next,
-                limit: 1000,
-                task: task.clone(),
-                kind: kind.clone(),
-            })
-            .await?
-            .into_inner();
+        let request = v1::ReadInboxRequest {
+            from_seq: next,
+            limit: 1000,
+            task: task.clone(),
+            kind: kind.clone(),
+        };
+        let page = client.read_inbox(request).await?.into_inner();
         for event in &page.events {
-            print(event);
+            if !print(event) {
+                return Ok(());
+            }
             next = event.seq + 1;
         }
         if page.events.len() < 1000 {
             return Ok(());
         }
+    }
+}
+
+/// Follows the inbox from `next`, across controller restarts: on a broken stream it
+/// reconnects and resumes after the last event printed, so nothing is lost or repeated.
+async fn follow_inbox(
+    url: &str,
+    mut next: u64,
+    task: &str,
+    kind: &str,
+    print: impl Fn(&v1::Event) -> bool,
+) -> Result<(), Failure> {
+    let mut delay = std::time::Duration::from_millis(200);
+    let mut warned = false;
+    loop {
+        let stream = match client::connect_streaming(url).await {
+            Ok(mut client) => {
+                let request = v1::WatchRequest {
+                    from_seq: next,
+                    task: task.to_string(),
+                    kind: kind.to_string(),
+                };
+                client.watch(request).await.map(tonic::Response::into_inner)
+            }
+            Err(f) => Err(tonic::Status::unavailable(f.message)),
+        };
+        match stream {
+            Ok(mut stream) => {
+                if warned {
+                    eprintln!("muster: reconnected; resuming at seq {next}");
+                    warned = false;
+                }
+                delay = std::time::Duration::from_millis(200);
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(event) => {
+                            next = event.seq + 1;
+                            if !print(&event) {
+                                return Ok(());
+                            }
+                        }
+                        Err(status) if status.code() == tonic::Code::ResourceExhausted => break,
+                        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                            return Err(status.into())
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::Unauthenticated
+                ) =>
+            {
+                return Err(status.into());
+            }
+            Err(_) => {}
+        }
+        if !warned {
+            eprintln!("muster: lost the controller at {url}; reconnecting (Ctrl-C to stop)");
+            warned = true;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
     }
 }
 

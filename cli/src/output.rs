@@ -323,16 +323,16 @@ pub fn show_task(t: &v1::Task) -> String {
     if !t.parent.is_empty() {
         let _ = writeln!(out, "parent:    {} (root {})", t.parent, t.root);
     }
-    let _ = writeln!(
-        out,
-        "report:    {} {} ago",
-        if t.report_state.is_empty() {
-            "-"
+    if t.last_report_ms > 0 {
+        let state = if t.report_state.is_empty() {
+            "(no state)"
         } else {
-            &t.report_state
-        },
-        ago(t.last_report_ms)
-    );
+            t.report_state.as_str()
+        };
+        let _ = writeln!(out, "report:    {state}, {} ago", ago(t.last_report_ms));
+    } else {
+        let _ = writeln!(out, "report:    none yet");
+    }
     let _ = writeln!(out, "metrics:   {}", metrics_short(&t.metrics, 32));
     let _ = writeln!(out, "message:   {}", t.message);
     if !t.attempts.is_empty() {

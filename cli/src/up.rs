@@ -41,8 +41,7 @@ impl Daemon {
     }
 
     /// Waits for the daemon to exit; SIGKILL after `deadline`.
-    async fn stop(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
-        self.signal(Signal::SIGTERM);
+    async fn wait(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -108,6 +107,10 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
                 args.slots.to_string(),
                 "--labels".into(),
                 format!("fleet=local,node={name}"),
+                // One machine: every node shares task data, so a task placed on another node
+                // after a restart resumes from its checkpoint.
+                "--task-data-dir".into(),
+                data_dir.join("task-data").display().to_string(),
             ];
             daemons.push(spawn_daemon(&name, &bin_dir.join("muster-node-agent"), &node_args, &logs_dir)?);
         }
@@ -446,6 +449,7 @@ fn terminal_width() -> usize {
 }
 
 /// Node agents first (they stop their tasks within each task's grace), then the controller.
+/// A second Ctrl-C tells the node agents to kill their tasks at once.
 async fn shutdown(daemons: &mut [Daemon]) {
     let (controller, nodes) = match daemons.split_first_mut() {
         Some(split) => split,
@@ -454,9 +458,24 @@ async fn shutdown(daemons: &mut [Daemon]) {
     for node in nodes.iter() {
         node.signal(Signal::SIGTERM);
     }
-    for node in nodes.iter_mut() {
-        node.stop(Duration::from_secs(90)).await;
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut forced = false;
+    for i in 0..nodes.len() {
+        loop {
+            tokio::select! {
+                _ = nodes[i].wait(Duration::from_secs(90)) => break,
+                Some(()) = async { int.as_mut()?.recv().await }, if !forced => {
+                    eprintln!("muster up: killing every task now");
+                    forced = true;
+                    // A node agent's second signal kills its tasks without grace.
+                    for node in nodes.iter() {
+                        node.signal(Signal::SIGTERM);
+                    }
+                }
+            }
+        }
     }
-    controller.stop(Duration::from_secs(15)).await;
+    controller.signal(Signal::SIGTERM);
+    controller.wait(Duration::from_secs(15)).await;
     eprintln!("muster up: fleet stopped");
 }

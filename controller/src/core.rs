@@ -248,7 +248,7 @@ impl Core {
                 .entry(name.clone())
                 .or_insert_with(|| NodeRecord {
                     name,
-                    state: crate::model::NodeState::Ready,
+                    state: crate::model::NodeState::Suspect,
                     capacity: v1::Capacity::default(),
                     used: v1::Capacity::default(),
                     labels: HashMap::new(),

@@ -35,6 +35,9 @@ pub struct Config {
     pub capacity: Capacity,
     pub labels: HashMap<String, String>,
     pub log_limits: LogLimits,
+    /// Where `MUSTER_DATA_DIR` of each task lives (`ROOT/<task>`); shared storage here lets a
+    /// task resume its checkpoints on another node. Default: inside each task's directory.
+    pub task_data_root: Option<PathBuf>,
 }
 
 /// What every part of the agent shares.
@@ -46,6 +49,7 @@ pub struct Context {
     pub labels: HashMap<String, String>,
     pub log_limits: LogLimits,
     pub outbox: Arc<Outbox>,
+    pub task_data_root: Option<PathBuf>,
 }
 
 impl Context {
@@ -53,6 +57,14 @@ impl Context {
     /// are safe path components.
     pub fn task_dir(&self, task: &str) -> PathBuf {
         self.data_dir.join("tasks").join(task)
+    }
+
+    /// The task's `MUSTER_DATA_DIR`, kept across restarts.
+    pub fn task_data_dir(&self, task: &str) -> PathBuf {
+        match &self.task_data_root {
+            Some(root) => root.join(task),
+            None => self.task_dir(task).join("data"),
+        }
     }
 }
 
@@ -95,6 +107,29 @@ impl Config {
     }
 }
 
+/// Children of an agent that died are not re-adopted: a new agent kills what its
+/// predecessor left running (the controller places those tasks again), so nothing runs
+/// unsupervised. The instance id is kept in the data dir for this.
+fn clean_up_previous_instance(data_dir: &std::path::Path, instance: &str) {
+    let file = data_dir.join("agent.instance");
+    if let Ok(previous) = std::fs::read_to_string(&file) {
+        let previous = previous.trim();
+        if !previous.is_empty() && previous != instance {
+            let killed = process::kill_instance(previous);
+            if killed > 0 {
+                tracing::warn!(
+                    previous,
+                    killed,
+                    "killed processes left by a previous agent"
+                );
+            }
+        }
+    }
+    if let Err(e) = std::fs::write(&file, instance) {
+        tracing::warn!(path = %file.display(), error = %e, "cannot record the agent instance");
+    }
+}
+
 /// A running agent.
 pub struct Agent {
     ctx: Arc<Context>,
@@ -113,7 +148,9 @@ impl Agent {
             labels: config.labels,
             log_limits: config.log_limits,
             outbox: Arc::new(Outbox::new()),
+            task_data_root: config.task_data_root,
         });
+        clean_up_previous_instance(&ctx.data_dir, &ctx.instance);
         // Start the reaper before any child exists.
         let _ = process::tree_members(0, "");
         Agent {
@@ -153,9 +190,13 @@ impl Agent {
         if !stopped {
             tracing::warn!("some tasks did not stop in time");
         }
+        // Give the session a moment to deliver the tasks' ends before it closes.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !self.ctx.outbox.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = stop_tx.send(true);
         let _ = running.await;
-        session.flush(Duration::from_secs(3)).await;
         tracing::info!(unsent = self.ctx.outbox.len(), "node agent stopped");
     }
 }

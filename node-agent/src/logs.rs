@@ -79,7 +79,8 @@ impl LogFile {
                 false
             }
             None => {
-                self.error.get_or_insert_with(|| format!("cannot open {}", self.path.display()));
+                self.error
+                    .get_or_insert_with(|| format!("cannot open {}", self.path.display()));
                 false
             }
         };

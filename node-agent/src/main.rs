@@ -41,6 +41,10 @@ struct Args {
     /// Cap of each log file before it is rotated, in bytes.
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     log_max_bytes: u64,
+    /// Shared directory for task data (MUSTER_DATA_DIR = DIR/<task>), e.g. on shared
+    /// storage so that a task moved to another node finds its checkpoints.
+    #[arg(long)]
+    task_data_dir: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
             memory_mb: args.memory_mb.unwrap_or_else(total_memory_mb),
         },
         labels: args.labels,
+        task_data_root: args.task_data_dir,
         log_limits: LogLimits {
             max_file_bytes: args.log_max_bytes.max(4096),
             ..Default::default()
@@ -142,7 +147,8 @@ fn init_tracing(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {

@@ -139,14 +139,28 @@ pub struct SpawnError {
 
 impl SpawnError {
     fn from_io(launch: &Launch, e: &io::Error) -> SpawnError {
-        let program = if launch.shell { "/bin/sh" } else { launch.argv[0].as_str() };
+        let program = if launch.shell {
+            "/bin/sh"
+        } else {
+            launch.argv[0].as_str()
+        };
         let (kind, what) = match (e.kind(), e.raw_os_error()) {
-            (_, Some(libc::EMFILE | libc::ENFILE)) => ("fd_limit", "the open-file limit is reached".to_string()),
-            (io::ErrorKind::NotFound, _) => ("missing_binary", format!("program {program:?} not found")),
-            (io::ErrorKind::PermissionDenied, _) => ("not_executable", format!("program {program:?} is not executable")),
+            (_, Some(libc::EMFILE | libc::ENFILE)) => {
+                ("fd_limit", "the open-file limit is reached".to_string())
+            }
+            (io::ErrorKind::NotFound, _) => {
+                ("missing_binary", format!("program {program:?} not found"))
+            }
+            (io::ErrorKind::PermissionDenied, _) => (
+                "not_executable",
+                format!("program {program:?} is not executable"),
+            ),
             _ => ("spawn_error", format!("cannot start {program:?}")),
         };
-        SpawnError { kind, message: format!("{what} (workdir {}): {e}", launch.workdir.display()) }
+        SpawnError {
+            kind,
+            message: format!("{what} (workdir {}): {e}", launch.workdir.display()),
+        }
     }
 }
 
@@ -155,8 +169,18 @@ pub fn spawn(launch: &Launch) -> Result<Spawned, SpawnError> {
     // A missing workdir fails exec with the same ENOENT as a missing binary; tell them apart.
     match std::fs::metadata(&launch.workdir) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(SpawnError { kind: "missing_workdir", message: format!("workdir {} is not a directory", launch.workdir.display()) }),
-        Err(e) => return Err(SpawnError { kind: "missing_workdir", message: format!("workdir {}: {e}", launch.workdir.display()) }),
+        Ok(_) => {
+            return Err(SpawnError {
+                kind: "missing_workdir",
+                message: format!("workdir {} is not a directory", launch.workdir.display()),
+            })
+        }
+        Err(e) => {
+            return Err(SpawnError {
+                kind: "missing_workdir",
+                message: format!("workdir {}: {e}", launch.workdir.display()),
+            })
+        }
     }
     spawn_process(launch).map_err(|e| SpawnError::from_io(launch, &e))
 }

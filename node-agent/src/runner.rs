@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use muster_proto::spec::health::{Action, Rule};
 use muster_proto::spec::{Policy, Rules};
-use muster_proto::v1::{node_event::Kind, AttemptExited, AttemptStarted, LogDropped, Settled, TaskSpec};
+use muster_proto::v1::{
+    node_event::Kind, AttemptExited, AttemptStarted, LogDropped, Settled, TaskSpec,
+};
 
 use crate::logs::{self, LogFile, Tail};
 use crate::outbox::now_ms;
@@ -89,7 +91,9 @@ impl Runner {
     ) -> u32 {
         let name = self.spec.name.clone();
         let task_dir = self.ctx.task_dir(&name);
-        if let Err(e) = std::fs::create_dir_all(task_dir.join("data")) {
+        if let Err(e) = std::fs::create_dir_all(self.ctx.task_data_dir(&name))
+            .and_then(|()| std::fs::create_dir_all(&task_dir))
+        {
             tracing::error!(task = %name, error = %e, "cannot create the task directory");
         }
 
@@ -123,7 +127,10 @@ impl Runner {
                     backoff_ms: d.backoff.as_millis() as u64,
                     runtime_ms: end.runtime.as_millis() as u64,
                     restarts_in_window: restarts.len() as u32,
-                    error: end.spawn_error.as_ref().map_or(String::new(), |e| e.message.clone()),
+                    error: end
+                        .spawn_error
+                        .as_ref()
+                        .map_or(String::new(), |e| e.message.clone()),
                     log_tail: end.tail,
                     rule: rule.map_or(String::new(), |r| r.name.clone()),
                     action: rule.map_or(String::new(), |r| r.action.as_str().to_string()),
@@ -272,7 +279,17 @@ impl Runner {
         restarts.push_back(now);
 
         if let Some(reason) = restart_reason {
-            return decision("backoff", reason, Duration::ZERO, None);
+            // An operator's restart is immediate; a health restart backs off like a crash,
+            // so a rule that fires at start-up cannot spin.
+            let delay = if reason == "operator" {
+                Duration::ZERO
+            } else {
+                backoff(&self.rules, *failures)
+            };
+            if reason != "operator" {
+                *failures = failures.saturating_add(1);
+            }
+            return decision("backoff", reason, delay, None);
         }
         if end.runtime >= HEALTHY_RUN {
             *failures = 0;
@@ -305,7 +322,7 @@ impl Runner {
         let launch = Launch {
             argv: self.spec.command.clone(),
             shell: self.spec.shell,
-            env: self.child_env(attempt, task_dir, &status_path),
+            env: self.child_env(attempt, &status_path),
             workdir: if self.spec.workdir.is_empty() {
                 task_dir.to_path_buf()
             } else {
@@ -355,7 +372,10 @@ impl Runner {
                 }
             };
             let on_drop = move |error: &str| {
-                let event = LogDropped { stream: stream.into(), error: error.to_string() };
+                let event = LogDropped {
+                    stream: stream.into(),
+                    error: error.to_string(),
+                };
                 dropped.0.push(&dropped.1, attempt, Kind::LogDropped(event));
             };
             tokio::spawn(logs::drain(fd, file, tail.clone(), on_line, on_drop))
@@ -405,11 +425,18 @@ impl Runner {
                 }
             }
         }
+        // Tails travel in events and notifications: keep each line short.
         let tail = tail
             .lock()
             .expect("log tail poisoned")
             .iter()
-            .cloned()
+            .map(|l| {
+                if l.len() > 512 {
+                    format!("{}…", &l[..l.floor_char_boundary(512)])
+                } else {
+                    l.clone()
+                }
+            })
             .collect();
         AttemptEnd {
             exit,
@@ -433,12 +460,7 @@ impl Runner {
         }
     }
 
-    fn child_env(
-        &self,
-        attempt: u32,
-        task_dir: &std::path::Path,
-        status_path: &std::path::Path,
-    ) -> Vec<(String, String)> {
+    fn child_env(&self, attempt: u32, status_path: &std::path::Path) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self
             .spec
             .env
@@ -456,7 +478,10 @@ impl Runner {
             ),
             (
                 "MUSTER_DATA_DIR".into(),
-                task_dir.join("data").to_string_lossy().into_owned(),
+                self.ctx
+                    .task_data_dir(&self.spec.name)
+                    .to_string_lossy()
+                    .into_owned(),
             ),
             ("MUSTER_CONTROLLER".into(), self.ctx.controller.clone()),
         ]);

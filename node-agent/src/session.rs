@@ -63,31 +63,18 @@ impl Session {
         }
     }
 
-    /// Flushes what is queued once more, for a clean shutdown; best effort.
-    pub async fn flush(&self, timeout: Duration) {
-        let (_tx, mut rx) = watch::channel(true);
-        let _ = tokio::time::timeout(timeout, async {
-            let _ = self.exchange(&mut rx, true).await;
-        })
-        .await;
-    }
-
     /// One session. Ok(true): it was established and then broke; Ok(false): shutdown.
     async fn connect_once(
         &self,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, SessionError> {
-        self.exchange(shutdown, false).await
+        self.exchange(shutdown).await
     }
 
-    async fn exchange(
-        &self,
-        shutdown: &mut watch::Receiver<bool>,
-        drain_only: bool,
-    ) -> Result<bool, SessionError> {
+    async fn exchange(&self, shutdown: &mut watch::Receiver<bool>) -> Result<bool, SessionError> {
         let channel = tokio::select! {
             c = self.channel() => c?,
-            _ = shutdown.wait_for(|s| *s), if !drain_only => return Ok(false),
+            _ = shutdown.wait_for(|s| *s) => return Ok(false),
         };
         let mut client = NodeServiceClient::new(channel).max_decoding_message_size(64 << 20);
 
@@ -123,11 +110,6 @@ impl Session {
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if drain_only && !self.ctx.outbox.has_unsent() {
-                // Give the controller a moment to ack what was just sent.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return Ok(false);
-            }
             let mut extras = Vec::new();
             tokio::select! {
                 msg = inbound.next() => match msg {
@@ -138,7 +120,7 @@ impl Session {
                 _ = self.ctx.outbox.notify.notified() => {}
                 _ = ticker.tick() => {}
                 Some(extra) = extra_rx.recv() => extras.push(extra),
-                _ = shutdown.wait_for(|s| *s), if !drain_only => return Ok(false),
+                _ = shutdown.wait_for(|s| *s) => return Ok(false),
             }
             while let Ok(extra) = extra_rx.try_recv() {
                 extras.push(extra);

@@ -13,6 +13,20 @@ use crate::model::{NodeRecord, NodeState, TaskState};
 impl Core {
     pub(super) fn on_hello(&mut self, session: SessionHandle, hello: v1::Hello) {
         let name = hello.node.clone();
+        if let Some(current) = self.nodes.get(&name) {
+            let live = current.session.as_ref().is_some_and(|s| s.id != session.id)
+                && current.memory.instance != hello.instance
+                && current.last_seen.elapsed() < self.cfg.node_timeout / 2;
+            if live {
+                // Two agents with one name would take the session from each other forever.
+                tracing::warn!(node = %name, "refusing a second agent with the name of a connected node");
+                let refusal = tonic::Status::already_exists(format!(
+                    "node name {name} is in use by another connected agent"
+                ));
+                let _ = session.tx.try_send(Err(refusal));
+                return;
+            }
+        }
         let previous = self.node_memory.get(&name).cloned().unwrap_or_default();
         let same_instance = previous.instance == hello.instance;
         self.epoch += 1;
@@ -278,7 +292,7 @@ impl Core {
             let silent = now.duration_since(node.last_seen);
             match node.state {
                 // A draining node that closed its session left on purpose: no incident.
-                NodeState::Draining if node.session.is_none() => {}
+                NodeState::Draining if node.session.is_none() && node.tasks.is_empty() => {}
                 NodeState::Ready | NodeState::Draining if silent > timeout / 2 => {
                     node.state = NodeState::Suspect
                 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use muster_proto::v1::{self, command::Action};
 
 use super::Core;
-use crate::event::{metrics_json, now_ms, Severity};
+use crate::event::{metrics_json, now_ms, rfc3339, Severity};
 use crate::model::TaskState;
 
 impl Core {
@@ -33,20 +33,77 @@ impl Core {
                 waiting.push_back(name);
                 continue;
             }
-            let best = self
+            // Back on its last node when it fits there (its local files are there), else the
+            // ready node with the most free slots.
+            let previous = self
                 .nodes
-                .values()
+                .get(&task.node)
                 .filter(|n| n.fits(task))
-                .max_by_key(|n| (n.free_slots(), std::cmp::Reverse(n.name.clone())))
                 .map(|n| n.name.clone());
+            let best = previous.or_else(|| {
+                self.nodes
+                    .values()
+                    .filter(|n| n.fits(task))
+                    .max_by_key(|n| (n.free_slots(), std::cmp::Reverse(n.name.clone())))
+                    .map(|n| n.name.clone())
+            });
             match best {
                 Some(node) => self.place(&name, &node),
-                None => waiting.push_back(name),
+                None => {
+                    self.explain_waiting(&name);
+                    waiting.push_back(name);
+                }
             }
         }
         waiting.append(&mut self.pending);
         self.pending = waiting;
         self.batch.place = false;
+    }
+
+    /// Says on a pending task why no node takes it, once per reason.
+    fn explain_waiting(&mut self, name: &str) {
+        let task = &self.tasks[name];
+        let res = task.spec.resources.unwrap_or_default();
+        let labels = task.spec.placement.as_ref().map(|p| {
+            let mut l: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            l.sort();
+            l.join(",")
+        });
+        let could_ever = self.nodes.values().any(|n| {
+            n.capacity.slots >= task.slots()
+                && n.capacity.gpus >= res.gpus
+                && n.capacity.memory_mb >= res.memory_mb
+                && task
+                    .spec
+                    .placement
+                    .as_ref()
+                    .is_none_or(|p| p.labels.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+        });
+        let needs = format!(
+            "slots={} gpus={} memory_mb={}{}",
+            task.slots(),
+            res.gpus,
+            res.memory_mb,
+            labels
+                .filter(|l| !l.is_empty())
+                .map_or(String::new(), |l| format!(" labels {l}"))
+        );
+        let message = if could_ever {
+            format!("waiting for a ready node with free {needs}")
+        } else {
+            format!("no node could ever fit it: needs {needs}")
+        };
+        let reason = if could_ever {
+            "waiting"
+        } else {
+            "unschedulable"
+        };
+        if task.message != message {
+            let task = self.tasks.get_mut(name).expect("task exists");
+            task.message = message;
+            task.reason = reason.to_string();
+            self.touch(name);
+        }
     }
 
     fn place(&mut self, name: &str, node: &str) {
@@ -115,7 +172,8 @@ impl Core {
                 Severity::Info,
                 format!("started pid {pid}"),
             )
-            .with("pid", pid);
+            .with("pid", pid)
+            .with("at", rfc3339(ts_ms));
         self.emit(event);
         self.schedule_health(name);
         self.resolve_incident(name, "", "spawn_error", "an attempt started");
@@ -177,6 +235,7 @@ impl Core {
             )
             .with("reason", exited.reason.clone())
             .with("runtime_ms", exited.runtime_ms)
+            .with("at", rfc3339(ts_ms))
             .with("log_tail", exited.log_tail.clone());
         if let Some(code) = exited.exit_code {
             event = event.with("exit_code", code);
@@ -194,7 +253,13 @@ impl Core {
         if !exited.error.is_empty() {
             // The program did not even start: a person must fix the path, the workdir or
             // the permissions; the node keeps retrying with backoff meanwhile.
-            self.open_incident(name, "", "spawn_error", Severity::Error, &format!("{}: {}", exited.class, exited.error));
+            self.open_incident(
+                name,
+                "",
+                "spawn_error",
+                Severity::Error,
+                &format!("{}: {}", exited.class, exited.error),
+            );
         }
         if !exited.rule.is_empty() {
             self.on_exit_rule(name, &exited);
