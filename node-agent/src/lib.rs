@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod keeper;
 pub mod logs;
 pub mod outbox;
 pub mod process;
@@ -50,6 +51,7 @@ pub struct Context {
     pub log_limits: LogLimits,
     pub outbox: Arc<Outbox>,
     pub task_data_root: Option<PathBuf>,
+    pub keeper: Arc<keeper::client::Keeper>,
 }
 
 impl Context {
@@ -57,6 +59,11 @@ impl Context {
     /// are safe path components.
     pub fn task_dir(&self, task: &str) -> PathBuf {
         self.data_dir.join("tasks").join(task)
+    }
+
+    /// Every attempt key of this node starts with this; keys survive agent restarts.
+    pub fn key_prefix(&self) -> String {
+        format!("muster:{}:", self.node)
     }
 
     /// The task's `MUSTER_DATA_DIR`, kept across restarts.
@@ -107,29 +114,6 @@ impl Config {
     }
 }
 
-/// Children of an agent that died are not re-adopted: a new agent kills what its
-/// predecessor left running (the controller places those tasks again), so nothing runs
-/// unsupervised. The instance id is kept in the data dir for this.
-fn clean_up_previous_instance(data_dir: &std::path::Path, instance: &str) {
-    let file = data_dir.join("agent.instance");
-    if let Ok(previous) = std::fs::read_to_string(&file) {
-        let previous = previous.trim();
-        if !previous.is_empty() && previous != instance {
-            let killed = process::kill_instance(previous);
-            if killed > 0 {
-                tracing::warn!(
-                    previous,
-                    killed,
-                    "killed processes left by a previous agent"
-                );
-            }
-        }
-    }
-    if let Err(e) = std::fs::write(&file, instance) {
-        tracing::warn!(path = %file.display(), error = %e, "cannot record the agent instance");
-    }
-}
-
 /// A running agent.
 pub struct Agent {
     ctx: Arc<Context>,
@@ -138,8 +122,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(config: Config) -> Agent {
+    /// Connects to the node's keeper (starting it if needed) and re-adopts every attempt
+    /// that survived a previous agent: running ones keep running, ones that exited meanwhile
+    /// report their real exit.
+    pub async fn start(config: Config) -> Result<Agent, keeper::client::KeeperError> {
         let instance = format!("{:016x}", rand::random::<u64>());
+        let keeper = Arc::new(keeper::client::Keeper::connect_or_start(&config.data_dir).await?);
         let ctx = Arc::new(Context {
             node: config.name,
             controller: config.controller,
@@ -149,24 +137,34 @@ impl Agent {
             log_limits: config.log_limits,
             outbox: Arc::new(Outbox::new()),
             task_data_root: config.task_data_root,
+            keeper,
         });
-        clean_up_previous_instance(&ctx.data_dir, &ctx.instance);
-        // Start the reaper before any child exists.
-        let _ = process::tree_members(0, "");
-        Agent {
-            supervisor: Supervisor::new(ctx.clone()),
+        let supervisor = Supervisor::new(ctx.clone());
+        let children = ctx.keeper.list().await?;
+        supervisor.adopt_all(children);
+        Ok(Agent {
+            supervisor,
             ctx,
             capacity: config.capacity,
-        }
+        })
     }
 
-    /// Runs until `shutdown` resolves, then stops every task (SIGTERM, grace, SIGKILL),
-    /// reports their ends to the controller if it can, and returns.
     pub fn instance(&self) -> &str {
         &self.ctx.instance
     }
 
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+    /// The prefix of every attempt key of this node, for a forced kill of all its tasks.
+    pub fn key_prefix(&self) -> String {
+        self.ctx.key_prefix()
+    }
+
+    /// Runs until `shutdown` resolves, then stops every task (SIGTERM, grace, SIGKILL),
+    /// reports their ends to the controller if it can, and returns. Returns early with an
+    /// error if the keeper goes away (its children can no longer be supervised).
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), keeper::client::KeeperError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let session = Arc::new(Session {
             ctx: self.ctx.clone(),
@@ -178,7 +176,14 @@ impl Agent {
             async move { session.run(stop_rx).await }
         });
 
-        shutdown.await;
+        let mut gone = self.ctx.keeper.gone.clone();
+        tokio::select! {
+            _ = shutdown => {}
+            _ = gone.wait_for(|g| *g) => {
+                tracing::error!("the keeper died; exiting so that a new agent and keeper take over");
+                return Err(keeper::client::KeeperError::Gone);
+            }
+        }
         tracing::info!(
             tasks = self.supervisor.len(),
             "shutting down: stopping tasks"
@@ -190,6 +195,7 @@ impl Agent {
         if !stopped {
             tracing::warn!("some tasks did not stop in time");
         }
+        self.ctx.keeper.retire();
         // Give the session a moment to deliver the tasks' ends before it closes.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while !self.ctx.outbox.is_empty() && tokio::time::Instant::now() < deadline {
@@ -198,5 +204,6 @@ impl Agent {
         let _ = stop_tx.send(true);
         let _ = running.await;
         tracing::info!(unsent = self.ctx.outbox.len(), "node agent stopped");
+        Ok(())
     }
 }

@@ -79,6 +79,11 @@ fn total_memory_mb() -> u64 {
 }
 
 fn main() -> ExitCode {
+    // `muster-node-agent keeper --data-dir DIR`: the per-node keeper the agent starts.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("keeper") {
+        return keeper_main(&argv[2..]);
+    }
     let args = Args::parse();
     init_tracing(&args.log_format);
     raise_open_file_limit();
@@ -111,8 +116,14 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("building the tokio runtime");
     runtime.block_on(async move {
         tracing::info!(node = %config.name, controller = %config.controller, slots = config.capacity.slots, "node agent starting");
-        let agent = Agent::new(config);
-        let instance = agent.instance().to_string();
+        let agent = match Agent::start(config).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                eprintln!("muster-node-agent: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let prefix = agent.key_prefix();
         let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
         let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
@@ -120,13 +131,43 @@ fn main() -> ExitCode {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             let _ = first_tx.send(());
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            let killed = process::kill_instance(&instance);
+            let killed = process::kill_keys_with_prefix(&prefix, &Default::default());
             tracing::warn!(killed, "second signal: killed every task process, exiting now");
             std::process::exit(130);
         });
-        agent.run(async { let _ = first_rx.await; }).await;
-        ExitCode::SUCCESS
+        match agent.run(async { let _ = first_rx.await; }).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("muster-node-agent: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
+}
+
+fn keeper_main(args: &[String]) -> ExitCode {
+    let data_dir = match args {
+        [flag, dir] if flag == "--data-dir" => PathBuf::from(dir),
+        _ => {
+            eprintln!("usage: muster-node-agent keeper --data-dir DIR");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing("text");
+    raise_open_file_limit();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    // The keeper ignores SIGINT and SIGTERM meant for a process group it left; it ends when
+    // the agent retires it or when it has been idle.
+    match runtime.block_on(muster_node_agent::keeper::server::run(data_dir)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("muster-node-agent keeper: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Many children mean many pipes and log files: lift the soft open-file limit to the hard

@@ -86,6 +86,11 @@ fn reaper() -> &'static Arc<Reaper> {
     })
 }
 
+/// Makes this process the subreaper and starts the reaper thread (idempotent).
+pub fn start_reaper() {
+    let _ = reaper();
+}
+
 fn reap_forever(reaper: &Reaper) {
     loop {
         let peeked = waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
@@ -282,12 +287,13 @@ fn stat_fields(pid: i32) -> Option<(i32, i32, bool)> {
     Some((ppid, pgid, state == "Z" || state == "X"))
 }
 
-/// SIGKILLs every process started by this agent instance: the forced second-signal exit.
-pub fn kill_instance(instance: &str) -> usize {
+/// SIGKILLs every process whose attempt key starts with `prefix`, except the keys in
+/// `keep`; returns how many were killed.
+pub fn kill_keys_with_prefix(prefix: &str, keep: &std::collections::HashSet<String>) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
-    let prefix = format!("{ATTEMPT_KEY_VAR}={instance}/");
+    let var = format!("{ATTEMPT_KEY_VAR}=");
     let mut killed = 0;
     for entry in entries.flatten() {
         let Some(pid) = entry
@@ -300,10 +306,11 @@ pub fn kill_instance(instance: &str) -> usize {
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        if environ
+        let key = environ
             .split(|&b| b == 0)
-            .any(|var| var.starts_with(prefix.as_bytes()))
-        {
+            .find_map(|v| v.strip_prefix(var.as_bytes()))
+            .map(|k| String::from_utf8_lossy(k).into_owned());
+        if key.is_some_and(|k| k.starts_with(prefix) && !keep.contains(&k)) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             killed += 1;
         }

@@ -18,9 +18,11 @@ use muster_proto::v1::{
     node_event::Kind, AttemptExited, AttemptStarted, LogDropped, Settled, TaskSpec,
 };
 
-use crate::logs::{self, LogFile, Tail};
+use crate::keeper::client::Output;
+use crate::keeper::LaunchSpec;
+use crate::logs;
 use crate::outbox::now_ms;
-use crate::process::{self, Exit, Launch};
+use crate::process::{self, Exit};
 use crate::rules::RuleMatcher;
 use crate::status::StatusTail;
 use crate::Context;
@@ -65,6 +67,34 @@ enum Requested {
     Restart(String),
 }
 
+/// An attempt found running (or exited) under the keeper when the agent started.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    pub key: String,
+    pub pid: u32,
+    pub started_ms: i64,
+    /// It exited while no agent was running.
+    pub exit: Option<Exit>,
+}
+
+/// The files that let a new agent re-adopt this task: its start command and its attempt.
+pub fn record_attempt(task_dir: &std::path::Path, attempt: u32, key: &str) {
+    let record = serde_json::json!({ "attempt": attempt, "key": key, "started_ms": now_ms() });
+    if let Err(e) = write_atomically(
+        &task_dir.join("attempt.json"),
+        record.to_string().as_bytes(),
+    ) {
+        tracing::warn!(dir = %task_dir.display(), error = %e, "cannot record the attempt; it cannot be re-adopted");
+    }
+}
+
+/// Writes a file whole or not at all.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 struct Decision {
     next: &'static str,
     reason: String,
@@ -88,6 +118,7 @@ impl Runner {
         self,
         first_attempt: u32,
         mut control: mpsc::UnboundedReceiver<Control>,
+        mut adopted: Option<Adopted>,
     ) -> u32 {
         let name = self.spec.name.clone();
         let task_dir = self.ctx.task_dir(&name);
@@ -103,7 +134,7 @@ impl Runner {
         loop {
             let span = tracing::info_span!("attempt", task = %name, attempt);
             let end = self
-                .run_attempt(attempt, &task_dir, &mut control)
+                .run_attempt(attempt, &task_dir, &mut control, adopted.take())
                 .instrument(span)
                 .await;
             let d = self.decide(&end, &mut restarts, &mut failures);
@@ -311,83 +342,92 @@ impl Runner {
         attempt: u32,
         task_dir: &std::path::Path,
         control: &mut mpsc::UnboundedReceiver<Control>,
+        adopted: Option<Adopted>,
     ) -> AttemptEnd {
         let name = &self.spec.name;
         let status_path = task_dir.join("status.jsonl");
-        // Each attempt starts a fresh status file; the previous one is kept beside it.
-        let _ = std::fs::rename(&status_path, task_dir.join("status.prev.jsonl"));
-        let _ = std::fs::File::create(&status_path);
-
-        let attempt_key = format!("{}/{}/{}", self.ctx.instance, name, attempt);
-        let launch = Launch {
-            argv: self.spec.command.clone(),
-            shell: self.spec.shell,
-            env: self.child_env(attempt, &status_path),
-            workdir: if self.spec.workdir.is_empty() {
-                task_dir.to_path_buf()
-            } else {
-                PathBuf::from(&self.spec.workdir)
-            },
-            attempt_key: attempt_key.clone(),
-        };
-        let started = Instant::now();
-        let spawned = match process::spawn(&launch) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(task = %name, attempt, kind = e.kind, error = %e.message, "spawn failed");
-                return AttemptEnd {
-                    exit: None,
-                    runtime: Duration::ZERO,
-                    spawn_error: Some(e),
-                    requested: None,
-                    tail: Vec::new(),
+        let keeper = &self.ctx.keeper;
+        let (attempt_key, pid, started, mut watch, known_exit) = match adopted {
+            Some(a) => {
+                tracing::info!(task = %name, attempt, pid = a.pid, "re-adopted a running attempt");
+                let watch = keeper.watch(&a.key);
+                let since = Duration::from_millis((now_ms() - a.started_ms).max(0) as u64);
+                let started = Instant::now()
+                    .checked_sub(since)
+                    .unwrap_or_else(Instant::now);
+                (a.key, a.pid, started, watch, a.exit)
+            }
+            None => {
+                // Each attempt starts a fresh status file; the previous one is kept beside it.
+                let _ = std::fs::rename(&status_path, task_dir.join("status.prev.jsonl"));
+                let _ = std::fs::File::create(&status_path);
+                let key = format!(
+                    "{}{}:{attempt}:{:08x}",
+                    self.ctx.key_prefix(),
+                    name,
+                    rand::random::<u32>()
+                );
+                record_attempt(task_dir, attempt, &key);
+                let workdir = if self.spec.workdir.is_empty() {
+                    task_dir.to_path_buf()
+                } else {
+                    PathBuf::from(&self.spec.workdir)
                 };
+                let launch = LaunchSpec {
+                    key: key.clone(),
+                    argv: self.spec.command.clone(),
+                    shell: self.spec.shell,
+                    env: self.child_env(attempt, &status_path),
+                    workdir: workdir.to_string_lossy().into_owned(),
+                    stdout_log: logs::log_path(task_dir, "stdout")
+                        .to_string_lossy()
+                        .into_owned(),
+                    stderr_log: logs::log_path(task_dir, "stderr")
+                        .to_string_lossy()
+                        .into_owned(),
+                    max_file_bytes: self.ctx.log_limits.max_file_bytes,
+                    max_line_bytes: self.ctx.log_limits.max_line_bytes,
+                };
+                let watch = keeper.watch(&key);
+                let started = Instant::now();
+                match keeper.spawn(launch).await {
+                    Ok((pid, _)) => {
+                        tracing::info!(task = %name, attempt, pid, "attempt started");
+                        self.ctx
+                            .outbox
+                            .push(name, attempt, Kind::Started(AttemptStarted { pid }));
+                        (key, pid, started, watch, None)
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = %name, attempt, kind = e.kind, error = %e.message, "spawn failed");
+                        keeper.forget(&key);
+                        return AttemptEnd {
+                            exit: None,
+                            runtime: Duration::ZERO,
+                            spawn_error: Some(e),
+                            requested: None,
+                            tail: Vec::new(),
+                        };
+                    }
+                }
             }
         };
-        let pid = spawned.pid;
-        tracing::info!(task = %name, attempt, pid, "attempt started");
         self.set_phase(attempt, pid, "running");
-        self.ctx
-            .outbox
-            .push(name, attempt, Kind::Started(AttemptStarted { pid }));
 
-        let tail: Tail = Default::default();
-        let matcher = Arc::new(RuleMatcher::new(
-            &self.rules.health.rules,
-            self.wait_until.clone(),
-        ));
-        let drains = [
-            ("stdout", spawned.stdout.into()),
-            ("stderr", spawned.stderr.into()),
-        ]
-        .map(|(stream, fd): (&str, std::os::fd::OwnedFd)| {
-            let file = LogFile::open(logs::log_path(task_dir, stream), self.ctx.log_limits);
-            let matcher = matcher.clone();
-            let outbox = self.ctx.outbox.clone();
-            let task = name.clone();
-            let dropped = (outbox.clone(), task.clone());
-            let on_line = move |line: &str| {
-                if let Some(found) = matcher.check(line, stream) {
-                    outbox.push(&task, attempt, Kind::LogMatch(found));
-                }
-            };
-            let on_drop = move |error: &str| {
-                let event = LogDropped {
-                    stream: stream.into(),
-                    error: error.to_string(),
-                };
-                dropped.0.push(&dropped.1, attempt, Kind::LogDropped(event));
-            };
-            tokio::spawn(logs::drain(fd, file, tail.clone(), on_line, on_drop))
-        });
-
+        let matcher = RuleMatcher::new(&self.rules.health.rules, self.wait_until.clone());
+        let mut tail = VecDeque::new();
+        let mut dropped_reported = false;
         let mut status = StatusTail::new(status_path);
         let mut poll = tokio::time::interval(STATUS_POLL);
-        let mut exit_rx = spawned.exit;
         let mut requested = None;
+        let mut exit_rx = watch.exit;
         let exit = loop {
+            if let Some(exit) = known_exit {
+                break Some(exit);
+            }
             tokio::select! {
                 exit = &mut exit_rx => break exit.ok(),
+                Some(output) = watch.output.recv() => self.on_output(output, attempt, &matcher, &mut tail, &mut dropped_reported),
                 _ = poll.tick() => self.forward_reports(&mut status, attempt, &matcher),
                 msg = control.recv() => {
                     let (req, stop_it) = match msg {
@@ -410,40 +450,59 @@ impl Runner {
             }
         };
         let runtime = started.elapsed();
+        while let Ok(output) = watch.output.try_recv() {
+            self.on_output(output, attempt, &matcher, &mut tail, &mut dropped_reported);
+        }
         self.forward_reports(&mut status, attempt, &matcher);
 
         // Whatever the main process left behind goes with it.
         process::stop_tree(pid, &attempt_key, Duration::from_secs(2)).await;
-        for drain in drains {
-            match tokio::time::timeout(Duration::from_secs(5), drain).await {
-                Ok(Ok(Ok(dropped))) if dropped > 0 => {
-                    tracing::warn!(task = %name, attempt, dropped, "log bytes dropped: log file not writable");
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    tracing::warn!(task = %name, attempt, "output pipe still open after the attempt ended")
-                }
-            }
-        }
-        // Tails travel in events and notifications: keep each line short.
-        let tail = tail
-            .lock()
-            .expect("log tail poisoned")
-            .iter()
-            .map(|l| {
-                if l.len() > 512 {
-                    format!("{}…", &l[..l.floor_char_boundary(512)])
-                } else {
-                    l.clone()
-                }
-            })
-            .collect();
+        keeper.forget(&attempt_key);
         AttemptEnd {
             exit,
             runtime,
             spawn_error: None,
             requested,
-            tail,
+            tail: tail.into(),
+        }
+    }
+
+    /// One line (or a dropped-output notice) from the keeper.
+    fn on_output(
+        &self,
+        output: Output,
+        attempt: u32,
+        matcher: &RuleMatcher,
+        tail: &mut VecDeque<String>,
+        dropped_reported: &mut bool,
+    ) {
+        match output {
+            Output::Line { stream, line } => {
+                if let Some(found) = matcher.check(&line, &stream) {
+                    self.ctx
+                        .outbox
+                        .push(&self.spec.name, attempt, Kind::LogMatch(found));
+                }
+                if tail.len() == self.ctx.log_limits.tail_lines {
+                    tail.pop_front();
+                }
+                // Tails travel in events and notifications: keep each line short.
+                let line = if line.len() > 512 {
+                    format!("{}…", &line[..line.floor_char_boundary(512)])
+                } else {
+                    line
+                };
+                tail.push_back(line);
+            }
+            Output::Dropped { stream, error } => {
+                if !std::mem::replace(dropped_reported, true) {
+                    self.ctx.outbox.push(
+                        &self.spec.name,
+                        attempt,
+                        Kind::LogDropped(LogDropped { stream, error }),
+                    );
+                }
+            }
         }
     }
 

@@ -12,7 +12,11 @@ use muster_proto::v1::{
     node_event::Kind, HoldTask, RestartTask, RunningAttempt, Settled, StartTask, StopTask,
 };
 
-use crate::runner::{Control, RunStatus, Runner};
+use prost::Message;
+
+use crate::keeper::ChildInfo;
+use crate::process::{self, Exit};
+use crate::runner::{write_atomically, Adopted, Control, RunStatus, Runner};
 use crate::Context;
 
 struct Handle {
@@ -28,6 +32,7 @@ pub struct Supervisor {
     finished: Mutex<HashMap<String, u32>>,
     idle: tokio::sync::Notify,
     shutting_down: std::sync::atomic::AtomicBool,
+    exited_while_away: Mutex<HashMap<String, u32>>,
 }
 
 impl Supervisor {
@@ -38,6 +43,7 @@ impl Supervisor {
             finished: Mutex::new(HashMap::new()),
             idle: tokio::sync::Notify::new(),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            exited_while_away: Mutex::new(HashMap::new()),
         })
     }
 
@@ -81,16 +87,41 @@ impl Supervisor {
             return Ok(());
         }
 
+        // Recorded so that a new agent can re-adopt the task after this one dies.
+        let task_dir = self.ctx.task_dir(&name);
+        let _ = std::fs::create_dir_all(&task_dir);
+        let record = StartTask {
+            spec: Some(spec.clone()),
+            attempt: cmd.attempt,
+            env: cmd.env.clone(),
+        };
+        if let Err(e) = write_atomically(&task_dir.join("start.pb"), &record.encode_to_vec()) {
+            tracing::warn!(task = %name, error = %e, "cannot record the task; it cannot be re-adopted");
+        }
+        self.launch(&mut tasks, spec, cmd.attempt, cmd.env, None);
+        Ok(())
+    }
+
+    /// Starts the runner of a task (spawning, or re-adopting `adopted`).
+    fn launch(
+        self: &Arc<Self>,
+        tasks: &mut HashMap<String, Handle>,
+        spec: muster_proto::v1::TaskSpec,
+        attempt: u32,
+        env: HashMap<String, String>,
+        adopted: Option<Adopted>,
+    ) {
+        let name = spec.name.clone();
         let (control, rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(RunStatus {
-            attempt: cmd.attempt,
+            attempt,
             phase: "starting",
             ..Default::default()
         }));
         let runner = Runner {
             rules: Rules::from_spec(&spec),
             spec,
-            extra_env: cmd.env.into_iter().collect(),
+            extra_env: env.into_iter().collect(),
             ctx: self.ctx.clone(),
             status: status.clone(),
             held: Default::default(),
@@ -99,13 +130,88 @@ impl Supervisor {
         tasks.insert(name.clone(), Handle { control, status });
         let this = self.clone();
         tokio::spawn(async move {
-            let last = runner.run(cmd.attempt, rx).await;
+            let last = runner.run(attempt, rx, adopted).await;
             this.finish(&name, last);
         });
-        Ok(())
+    }
+
+    /// Re-adopts what a previous agent left under the keeper: each task whose records name a
+    /// child the keeper still knows, checked by pid and process start time. Children nobody
+    /// claims, and task processes the keeper lost track of, are killed.
+    pub fn adopt_all(self: &Arc<Self>, children: Vec<ChildInfo>) {
+        let by_key: HashMap<String, ChildInfo> =
+            children.into_iter().map(|c| (c.key.clone(), c)).collect();
+        let mut claimed = std::collections::HashSet::new();
+        let mut tasks = self.tasks.lock().expect("task table poisoned");
+        let dirs = std::fs::read_dir(self.ctx.data_dir.join("tasks"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for dir in dirs.map(|e| e.path()) {
+            let Some((start, attempt, key, started_ms)) = read_records(&dir) else {
+                continue;
+            };
+            let Some(spec) = start.spec else { continue };
+            let adopted = match by_key.get(&key) {
+                Some(child) if child.exited => {
+                    let exit = match (child.exit_code, child.signal) {
+                        (Some(c), _) => Exit::Code(c),
+                        (None, Some(s)) => Exit::Signal(s),
+                        (None, None) => Exit::Signal(0),
+                    };
+                    self.exited_while_away
+                        .lock()
+                        .expect("adoption state poisoned")
+                        .insert(spec.name.clone(), attempt);
+                    Some(Adopted {
+                        key: key.clone(),
+                        pid: child.pid,
+                        started_ms,
+                        exit: Some(exit),
+                    })
+                }
+                Some(child) if crate::keeper::start_time(child.pid) == Some(child.start_time) => {
+                    Some(Adopted {
+                        key: key.clone(),
+                        pid: child.pid,
+                        started_ms,
+                        exit: None,
+                    })
+                }
+                _ => None,
+            };
+            match adopted {
+                Some(adopted) => {
+                    claimed.insert(key);
+                    self.launch(&mut tasks, spec, attempt, start.env, Some(adopted));
+                }
+                None => {
+                    tracing::info!(task = %spec.name, attempt, "a recorded attempt is gone; the controller places it again");
+                    remove_records(&dir);
+                }
+            }
+        }
+        drop(tasks);
+
+        for child in by_key.values().filter(|c| !claimed.contains(&c.key)) {
+            if !child.exited {
+                tracing::warn!(key = %child.key, pid = child.pid, "killing a child no task claims");
+                process::signal_tree(child.pid, &child.key, nix::sys::signal::Signal::SIGKILL);
+            }
+            self.ctx.keeper.forget(&child.key);
+        }
+        let known: std::collections::HashSet<String> = by_key.keys().cloned().collect();
+        let killed = process::kill_keys_with_prefix(&self.ctx.key_prefix(), &known);
+        if killed > 0 {
+            tracing::warn!(
+                killed,
+                "killed task processes no keeper knows (left by a keeper that died)"
+            );
+        }
     }
 
     fn finish(&self, name: &str, attempt: u32) {
+        remove_records(&self.ctx.task_dir(name));
         self.finished
             .lock()
             .expect("finished table poisoned")
@@ -157,9 +263,26 @@ impl Supervisor {
         }
     }
 
-    /// What runs now, for Hello.
+    /// What runs now, for Hello. The first Hello also names attempts that exited while no
+    /// agent ran, so the controller waits for their exit instead of calling them lost.
     pub fn running(&self) -> Vec<RunningAttempt> {
+        let away: Vec<(String, u32)> = self
+            .exited_while_away
+            .lock()
+            .expect("adoption state poisoned")
+            .drain()
+            .collect();
         let tasks = self.tasks.lock().expect("task table poisoned");
+        let reported: Vec<RunningAttempt> = away
+            .iter()
+            .filter(|(name, _)| !tasks.contains_key(name))
+            .map(|(name, attempt)| RunningAttempt {
+                task: name.clone(),
+                attempt: *attempt,
+                state: "exited".into(),
+                ..Default::default()
+            })
+            .collect();
         tasks
             .iter()
             .map(|(name, handle)| {
@@ -172,6 +295,7 @@ impl Supervisor {
                     state: status.phase.to_string(),
                 }
             })
+            .chain(reported)
             .collect()
     }
 
@@ -218,5 +342,65 @@ impl Supervisor {
             }
         };
         tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+}
+
+/// The start command and attempt a task dir records: (start, attempt, key, started_ms).
+fn read_records(dir: &std::path::Path) -> Option<(StartTask, u32, String, i64)> {
+    let start = StartTask::decode(std::fs::read(dir.join("start.pb")).ok()?.as_slice()).ok()?;
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("attempt.json")).ok()?).ok()?;
+    let attempt = u32::try_from(record["attempt"].as_u64()?).ok()?;
+    let key = record["key"].as_str()?.to_string();
+    Some((
+        start,
+        attempt,
+        key,
+        record["started_ms"].as_i64().unwrap_or(0),
+    ))
+}
+
+fn remove_records(dir: &std::path::Path) {
+    let _ = std::fs::remove_file(dir.join("start.pb"));
+    let _ = std::fs::remove_file(dir.join("attempt.json"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use muster_proto::v1::{HealthSpec, RestartSpec, TaskSpec};
+
+    #[test]
+    fn records_survive_the_round_trip_with_every_policy_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TaskSpec {
+            name: "t".into(),
+            command: vec!["sleep".into(), "1".into()],
+            restart: Some(RestartSpec {
+                policy: "always".into(),
+                backoff_initial: "250ms".into(),
+                max_restarts: Some(7),
+                ..Default::default()
+            }),
+            health: Some(HealthSpec {
+                heartbeat_timeout: "9s".into(),
+                packs: vec!["ml".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let start = StartTask {
+            spec: Some(spec.clone()),
+            attempt: 3,
+            env: [("MUSTER_X".to_string(), "1".to_string())].into(),
+        };
+        write_atomically(&dir.path().join("start.pb"), &start.encode_to_vec()).unwrap();
+        crate::runner::record_attempt(dir.path(), 4, "muster:n:t:4:abc");
+
+        let (read, attempt, key, _) = read_records(dir.path()).unwrap();
+
+        assert_eq!(read.spec.unwrap(), spec);
+        assert_eq!(read.env["MUSTER_X"], "1");
+        assert_eq!((attempt, key.as_str()), (4, "muster:n:t:4:abc"));
     }
 }
