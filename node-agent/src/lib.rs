@@ -52,6 +52,8 @@ pub struct Context {
     pub outbox: Arc<Outbox>,
     pub task_data_root: Option<PathBuf>,
     pub keeper: Arc<keeper::client::Keeper>,
+    /// A random id made once per data dir.
+    pub data_dir_id: String,
 }
 
 impl Context {
@@ -61,9 +63,10 @@ impl Context {
         self.data_dir.join("tasks").join(task)
     }
 
-    /// Every attempt key of this node starts with this; keys survive agent restarts.
+    /// Every attempt key of this node starts with this; keys survive agent restarts. The
+    /// data dir's own id keeps two agents of one machine apart even with one node name.
     pub fn key_prefix(&self) -> String {
-        format!("muster:{}:", self.node)
+        format!("muster:{}:{}:", self.node, self.data_dir_id)
     }
 
     /// The task's `MUSTER_DATA_DIR`, kept across restarts.
@@ -114,6 +117,21 @@ impl Config {
     }
 }
 
+/// The data dir's id, made on first use.
+fn data_dir_id(dir: &std::path::Path) -> String {
+    let file = dir.join("node.id");
+    if let Ok(id) = std::fs::read_to_string(&file) {
+        if !id.trim().is_empty() {
+            return id.trim().to_string();
+        }
+    }
+    let id = format!("{:08x}", rand::random::<u32>());
+    if let Err(e) = std::fs::write(&file, &id) {
+        tracing::warn!(path = %file.display(), error = %e, "cannot record the data dir id");
+    }
+    id
+}
+
 /// A running agent.
 pub struct Agent {
     ctx: Arc<Context>,
@@ -128,6 +146,7 @@ impl Agent {
     pub async fn start(config: Config) -> Result<Agent, keeper::client::KeeperError> {
         let instance = format!("{:016x}", rand::random::<u64>());
         let keeper = Arc::new(keeper::client::Keeper::connect_or_start(&config.data_dir).await?);
+        let data_dir_id = data_dir_id(&config.data_dir);
         let ctx = Arc::new(Context {
             node: config.name,
             controller: config.controller,
@@ -138,6 +157,7 @@ impl Agent {
             outbox: Arc::new(Outbox::new()),
             task_data_root: config.task_data_root,
             keeper,
+            data_dir_id,
         });
         let supervisor = Supervisor::new(ctx.clone());
         let children = ctx.keeper.list().await?;

@@ -12,8 +12,8 @@ use tempfile::TempDir;
 
 use crate::inbox;
 use crate::process::{
-    binary_dir, kill_processes_with_env, poll_until, run_with_deadline, signal_pid, wait_child,
-    wait_until,
+    binary_dir, kill_processes_with_env, poll_until, processes_with_arg_containing,
+    run_with_deadline, signal_pid, wait_child, wait_until,
 };
 use crate::{CLI_DEADLINE, START_DEADLINE};
 
@@ -172,7 +172,8 @@ impl Fleet {
         self.spawn_daemon(command, "controller")
     }
 
-    fn start_node_agent(&mut self, name: &str, slots: u32) {
+    /// Starts a node agent (again) with its usual data dir.
+    pub fn start_node_agent(&mut self, name: &str, slots: u32) {
         let mut command = Command::new(self.bins.join("muster-node-agent"));
         command
             .arg("--controller")
@@ -416,6 +417,11 @@ impl Fleet {
         let left = kill_processes_with_env("MUSTER_DATA_DIR", &prefix, Duration::from_secs(10));
         if left > 0 {
             eprintln!("killed {left} task processes left behind");
+        }
+        // A node's keeper retires after a clean agent stop; after a killed agent it would
+        // linger until idle, so it goes too.
+        for pid in processes_with_arg_containing(&prefix) {
+            signal_pid(pid, Signal::SIGKILL);
         }
     }
 }
