@@ -221,6 +221,9 @@ struct RunArgs {
     backoff_max: Option<String>,
     #[arg(long)]
     heartbeat_timeout: Option<String>,
+    /// When the node loses the controller: "keep" running, or stop after this duration.
+    #[arg(long)]
+    on_disconnect: Option<String>,
     /// Stop grace before SIGKILL.
     #[arg(long)]
     grace: Option<String>,
@@ -726,6 +729,7 @@ fn run_spec(args: RunArgs) -> Result<v1::TaskSpec, Failure> {
         }),
         stop: args.grace.map(|grace| v1::StopSpec { grace }),
         escalation: None,
+        on_disconnect: args.on_disconnect.unwrap_or_default(),
     };
     muster_proto::spec::validate(&spec).map_err(|errors| {
         Failure::usage(

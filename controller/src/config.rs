@@ -68,6 +68,7 @@ struct ControllerSection {
     heartbeat_interval: Option<String>,
     node_timeout: Option<String>,
     reschedule_after: Option<String>,
+    lease: Option<String>,
     report_sample: Option<String>,
     inbox_segment_mb: Option<u64>,
 }
@@ -204,6 +205,7 @@ pub fn parse(text: &str) -> Result<Settings, Vec<String>> {
         &c.reschedule_after,
         &mut settings.core.reschedule_after,
     );
+    set("lease", &c.lease, &mut settings.core.lease);
     set(
         "report_sample",
         &c.report_sample,

@@ -38,6 +38,9 @@ pub struct CoreConfig {
     pub node_timeout: Duration,
     /// How long after its node was lost a task is placed elsewhere.
     pub reschedule_after: Duration,
+    /// A node out of contact this long stops its tasks (unless they say keep); replacements
+    /// are placed only after it, plus their grace.
+    pub lease: Duration,
     /// At most one unchanged-state report per task per this interval reaches the inbox.
     pub report_sample: Duration,
 }
@@ -49,6 +52,7 @@ impl Default for CoreConfig {
             heartbeat_interval: Duration::from_secs(1),
             node_timeout: Duration::from_secs(5),
             reschedule_after: Duration::from_secs(10),
+            lease: Duration::from_secs(60),
             report_sample: Duration::from_secs(10),
         }
     }
@@ -155,6 +159,8 @@ pub struct Core {
     batch: Batch,
     alert_config: crate::config::Alerts,
     alerts: alerts::Alerting,
+    /// Set while most nodes are silent at once: the controller's own network is suspect.
+    partition_since: Option<Instant>,
     /// Recently resolved incidents, for `incidents --all` and repeated resolves.
     resolved: std::collections::BTreeMap<u64, Incident>,
 }
@@ -210,6 +216,7 @@ impl Core {
             alert_config,
             alerts: alerts::Alerting::default(),
             resolved: Default::default(),
+            partition_since: None,
             store,
         };
         for mut task in loaded.tasks {

@@ -54,6 +54,30 @@ pub struct Context {
     pub keeper: Arc<keeper::client::Keeper>,
     /// A random id made once per data dir.
     pub data_dir_id: String,
+    /// When the controller was last heard from, and the lease it granted.
+    pub contact: std::sync::Mutex<Contact>,
+}
+
+/// The node's contact with the controller, for the lease.
+#[derive(Debug, Clone, Copy)]
+pub struct Contact {
+    pub last: std::time::Instant,
+    pub lease: Duration,
+}
+
+impl Context {
+    /// How long the controller has been silent.
+    pub fn silent_for(&self) -> Duration {
+        self.contact
+            .lock()
+            .expect("contact poisoned")
+            .last
+            .elapsed()
+    }
+
+    pub fn heard_from_controller(&self) {
+        self.contact.lock().expect("contact poisoned").last = std::time::Instant::now();
+    }
 }
 
 impl Context {
@@ -158,6 +182,11 @@ impl Agent {
             task_data_root: config.task_data_root,
             keeper,
             data_dir_id,
+            // Until a Welcome says otherwise: the controller's default lease.
+            contact: std::sync::Mutex::new(Contact {
+                last: std::time::Instant::now(),
+                lease: Duration::from_secs(30),
+            }),
         });
         let supervisor = Supervisor::new(ctx.clone());
         let children = ctx.keeper.list().await?;
@@ -196,6 +225,16 @@ impl Agent {
             async move { session.run(stop_rx).await }
         });
 
+        let lease_watch = tokio::spawn({
+            let supervisor = self.supervisor.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    supervisor.enforce_lease();
+                }
+            }
+        });
         let mut gone = self.ctx.keeper.gone.clone();
         tokio::select! {
             _ = shutdown => {}
@@ -204,6 +243,7 @@ impl Agent {
                 return Err(keeper::client::KeeperError::Gone);
             }
         }
+        lease_watch.abort();
         tracing::info!(
             tasks = self.supervisor.len(),
             "shutting down: stopping tasks"

@@ -102,6 +102,13 @@ impl Session {
             _ => return Err(SessionError::Closed),
         };
         self.ctx.outbox.rewind(welcome.acked_seq);
+        {
+            let mut contact = self.ctx.contact.lock().expect("contact poisoned");
+            contact.last = std::time::Instant::now();
+            if welcome.lease_ms > 0 {
+                contact.lease = Duration::from_millis(u64::from(welcome.lease_ms));
+            }
+        }
         let heartbeat =
             Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.clamp(100, 60_000)));
         tracing::info!(controller = %self.ctx.controller, epoch = welcome.epoch, "connected to controller");
@@ -113,7 +120,7 @@ impl Session {
             let mut extras = Vec::new();
             tokio::select! {
                 msg = inbound.next() => match msg {
-                    Some(Ok(msg)) => { self.handle(msg, &extra_tx); continue; }
+                    Some(Ok(msg)) => { self.ctx.heard_from_controller(); self.handle(msg, &extra_tx); continue; }
                     Some(Err(status)) => return Err(status.into()),
                     None => return Err(SessionError::Closed),
                 },

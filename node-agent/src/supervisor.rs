@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use muster_proto::spec::{self, Rules};
+use muster_proto::spec::{self, OnDisconnect, Rules};
 use muster_proto::v1::{
     node_event::Kind, HoldTask, RestartTask, RunningAttempt, Settled, StartTask, StopTask,
 };
@@ -22,6 +22,8 @@ use crate::Context;
 struct Handle {
     control: mpsc::UnboundedSender<Control>,
     status: Arc<Mutex<RunStatus>>,
+    on_disconnect: OnDisconnect,
+    lease_stopped: bool,
 }
 
 pub struct Supervisor {
@@ -127,7 +129,16 @@ impl Supervisor {
             held: Default::default(),
             wait_until: Default::default(),
         };
-        tasks.insert(name.clone(), Handle { control, status });
+        let on_disconnect = runner.rules.on_disconnect;
+        tasks.insert(
+            name.clone(),
+            Handle {
+                control,
+                status,
+                on_disconnect,
+                lease_stopped: false,
+            },
+        );
         let this = self.clone();
         tokio::spawn(async move {
             let last = runner.run(attempt, rx, adopted).await;
@@ -260,6 +271,28 @@ impl Supervisor {
         let tasks = self.tasks.lock().expect("task table poisoned");
         if let Some(handle) = tasks.get(&cmd.task) {
             let _ = handle.control.send(Control::Hold(cmd.hold));
+        }
+    }
+
+    /// Out of contact with the controller for longer than a task's lease: stop it, so that
+    /// the replacement the controller places after the lease never runs beside it.
+    pub fn enforce_lease(&self) {
+        let silent = self.ctx.silent_for();
+        let lease = self.ctx.contact.lock().expect("contact poisoned").lease;
+        let mut tasks = self.tasks.lock().expect("task table poisoned");
+        for (name, handle) in tasks.iter_mut() {
+            let limit = match handle.on_disconnect {
+                OnDisconnect::Keep => continue,
+                OnDisconnect::StopAfter(d) => d.unwrap_or(lease),
+            };
+            if silent > limit && !handle.lease_stopped {
+                handle.lease_stopped = true;
+                tracing::warn!(task = %name, silent_s = silent.as_secs(), "lease expired: stopping the task");
+                let _ = handle.control.send(Control::Stop {
+                    reason: "lease_expired".into(),
+                    attempt: 0,
+                });
+            }
         }
     }
 

@@ -10,5 +10,5 @@ mod rules;
 mod validate;
 
 pub use file::{parse_file, ParseError};
-pub use rules::{HealthRules, Policy, RestartRules, Rules};
+pub use rules::{HealthRules, OnDisconnect, Policy, RestartRules, Rules};
 pub use validate::{check_name, validate, FieldError, Limits};

@@ -9,6 +9,8 @@ use muster_proto::v1::{self, command::Action, node_event::Kind};
 use super::{Core, SessionHandle};
 use crate::event::{now_ms, Event, Severity};
 use crate::model::{NodeRecord, NodeState, TaskState};
+use muster_proto::spec::OnDisconnect;
+use std::time::Duration;
 
 impl Core {
     pub(super) fn on_hello(&mut self, session: SessionHandle, hello: v1::Hello) {
@@ -71,6 +73,7 @@ impl Core {
                 body: Some(v1::controller_message::Body::Welcome(v1::Welcome {
                     epoch: self.epoch,
                     heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
+                    lease_ms: self.cfg.lease.as_millis() as u32,
                     acked_seq,
                 })),
             },
@@ -216,8 +219,11 @@ impl Core {
                 self.node_memory
                     .insert(node.to_string(), record.memory.clone());
                 self.batch.nodes.insert(node.to_string());
-                self.batch.acks.insert(node.to_string(), acked);
             }
+            // Every batch is answered, heartbeats too: the node measures its lease by it.
+            self.batch
+                .acks
+                .insert(node.to_string(), record.memory.acked_seq);
         }
         for result in batch.results {
             if !result.ok {
@@ -243,8 +249,23 @@ impl Core {
             tracing::debug!(node, task = %event.task, "event for an unknown task");
             return;
         };
-        // Events from a node that no longer owns the task (it was replaced) are ignored.
+        // A node that no longer owns the task (it was replaced) changes nothing, but the end
+        // of its old attempt is recorded.
         if task.node != node {
+            let reason = match &event.kind {
+                Some(Kind::Exited(e)) => e.reason.clone(),
+                Some(Kind::Settled(s)) => s.reason.clone(),
+                _ => return,
+            };
+            let message = format!(
+                "replaced attempt {} on {node} ended ({reason})",
+                event.attempt
+            );
+            let mut e = Event::new("attempt.exited", Severity::Info, message)
+                .node(node)
+                .attempt(event.attempt);
+            e.task = event.task.clone();
+            self.emit(e.with("reason", reason).with("replaced", true));
             return;
         }
         match event.kind {
@@ -283,29 +304,41 @@ impl Core {
         }
     }
 
-    /// Marks silent nodes suspect, then lost, and schedules their tasks for re-placement.
+    /// Marks silent nodes suspect, then lost, and schedules their tasks for re-placement
+    /// once their lease has run out. If most nodes fall silent at once, the controller's own
+    /// network is the likelier fault: nothing is declared lost or moved, one incident says so,
+    /// and every node gets a fresh grace period when contact returns.
     pub(super) fn check_nodes(&mut self) {
         let now = Instant::now();
         let timeout = self.cfg.node_timeout;
-        let mut lost = Vec::new();
+        let mut silent_nodes = Vec::new();
+        let mut alive = 0;
         for node in self.nodes.values_mut() {
             let silent = now.duration_since(node.last_seen);
             match node.state {
                 // A draining node that closed its session left on purpose: no incident.
-                NodeState::Draining if node.session.is_none() && node.tasks.is_empty() => {}
+                NodeState::Draining if node.session.is_none() && node.tasks.is_empty() => continue,
                 NodeState::Ready | NodeState::Draining if silent > timeout / 2 => {
                     node.state = NodeState::Suspect
                 }
-                NodeState::Suspect if silent > timeout => {
-                    node.state = NodeState::Lost;
-                    node.session = None;
-                    lost.push(node.name.clone());
-                }
+                NodeState::Suspect if silent > timeout => silent_nodes.push(node.name.clone()),
                 _ => {}
             }
+            if node.state != NodeState::Lost {
+                alive += 1;
+            }
         }
-        for name in lost {
-            let tasks: Vec<String> = self.nodes[&name].tasks.iter().cloned().collect();
+        self.check_partition(silent_nodes.len(), alive, now);
+        if self.partition_since.is_some() {
+            return;
+        }
+
+        for name in silent_nodes {
+            let node = self.nodes.get_mut(&name).expect("listed node exists");
+            node.state = NodeState::Lost;
+            node.session = None;
+            let last_seen = node.last_seen;
+            let tasks: Vec<String> = node.tasks.iter().cloned().collect();
             tracing::warn!(node = %name, tasks = tasks.len(), "node lost");
             let message = format!(
                 "node {name} silent for {}s; {} tasks affected",
@@ -319,13 +352,54 @@ impl Core {
                     .with("tasks", tasks.len()),
             );
             self.open_incident("", &name, "node_lost", Severity::Error, &message);
-            let at = now + self.cfg.reschedule_after;
             for task in tasks {
-                if let Some(t) = self.tasks.get_mut(&task) {
-                    t.live.lost_at = Some(now);
-                }
-                self.schedule(at, super::Check::Reschedule, &task);
+                let Some(t) = self.tasks.get_mut(&task) else {
+                    continue;
+                };
+                t.live.lost_at = Some(now);
+                // The node stops the task once its lease runs out (counted from its last
+                // contact, which is no earlier than our last_seen); only then, plus the stop
+                // grace and a margin, may it run elsewhere.
+                let at = match t.rules.on_disconnect {
+                    OnDisconnect::Keep => {
+                        tracing::info!(task = %task, node = %name, "on_disconnect = keep: not placing a replacement");
+                        continue;
+                    }
+                    OnDisconnect::StopAfter(d) => {
+                        last_seen
+                            + d.unwrap_or(self.cfg.lease)
+                            + t.rules.grace
+                            + Duration::from_secs(2)
+                    }
+                };
+                self.schedule(
+                    at.max(now + self.cfg.reschedule_after),
+                    super::Check::Reschedule,
+                    &task,
+                );
             }
+        }
+    }
+
+    /// Opens or clears the controller-connectivity incident.
+    fn check_partition(&mut self, silent: usize, alive: usize, now: Instant) {
+        let most = silent >= 2 && silent * 2 > alive;
+        match (most, self.partition_since) {
+            (true, None) => {
+                self.partition_since = Some(now);
+                let message = format!("{silent} of {alive} nodes fell silent at once: suspecting the controller's own network; moving no task");
+                tracing::error!(silent, alive, "most nodes silent at once");
+                self.open_incident("", "", "controller_partition", Severity::Critical, &message);
+            }
+            (false, Some(_)) if silent == 0 => {
+                self.partition_since = None;
+                // Contact is back: every node starts from a clean slate.
+                for node in self.nodes.values_mut() {
+                    node.last_seen = now;
+                }
+                self.resolve_incident("", "", "controller_partition", "nodes are heard again");
+            }
+            _ => {}
         }
     }
 }

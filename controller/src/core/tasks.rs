@@ -337,7 +337,7 @@ impl Core {
             reason
                 if !matches!(
                     reason,
-                    "operator" | "shutdown" | "fenced" | "node_shutdown" | ""
+                    "operator" | "shutdown" | "fenced" | "node_shutdown" | "lease_expired" | ""
                 ) =>
             {
                 let message = format!("stopped for {reason}");
@@ -347,7 +347,7 @@ impl Core {
                     .with("reason", reason.to_string());
                 self.emit(event);
             }
-            "node_shutdown" => {
+            "node_shutdown" | "lease_expired" => {
                 // The node is going away; place the task again elsewhere, after a tick, so
                 // that nodes shutting down at the same moment have said they are draining.
                 self.release(name, TaskState::Pending, "node_shutdown");

@@ -42,6 +42,8 @@ struct TaskDoc {
     health: Option<HealthDoc>,
     stop: Option<StopDoc>,
     escalation: Option<EscalationDoc>,
+    #[serde(default)]
+    on_disconnect: String,
     matrix: Option<BTreeMap<String, Vec<MatrixValue>>>,
 }
 
@@ -338,6 +340,7 @@ impl TaskDoc {
                 pagerduty: e.pagerduty,
                 severity: e.severity,
             }),
+            on_disconnect: self.on_disconnect,
         }
     }
 }

@@ -36,9 +36,19 @@ pub struct HealthRules {
     pub flags: super::health::PackFlags,
 }
 
+/// What a node does with a task when it loses the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDisconnect {
+    /// Keep running; the controller never places a replacement while the node is away.
+    Keep,
+    /// Stop after this long out of contact (None: the controller's lease).
+    StopAfter(Option<Duration>),
+}
+
 /// Everything a part needs to act on a task, resolved from its spec.
 #[derive(Debug, Clone)]
 pub struct Rules {
+    pub on_disconnect: OnDisconnect,
     pub restart: RestartRules,
     pub health: HealthRules,
     pub grace: Duration,
@@ -65,6 +75,10 @@ impl Rules {
         };
 
         Rules {
+            on_disconnect: match spec.on_disconnect.as_str() {
+                "keep" => OnDisconnect::Keep,
+                other => OnDisconnect::StopAfter(dur(other).filter(|d| !d.is_zero())),
+            },
             restart: RestartRules {
                 policy,
                 backoff_initial: dur(&restart.backoff_initial)

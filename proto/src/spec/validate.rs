@@ -91,6 +91,16 @@ pub fn validate(spec: &v1::TaskSpec) -> Result<(), Vec<FieldError>> {
     if let Some(stop) = &spec.stop {
         check_duration("stop.grace", &stop.grace, &mut bad);
     }
+    if spec.on_disconnect != "keep" {
+        if let Some(d) = check_duration("on_disconnect", &spec.on_disconnect, &mut bad) {
+            if d.is_zero() {
+                bad(
+                    "on_disconnect",
+                    "must be \"keep\" or a duration above 0s".into(),
+                );
+            }
+        }
+    }
     if let Some(e) = &spec.escalation {
         if !e.severity.is_empty() && !SEVERITIES.contains(&e.severity.as_str()) {
             bad(
