@@ -224,6 +224,9 @@ struct RunArgs {
     /// When the node loses the controller: "keep" running, or stop after this duration.
     #[arg(long)]
     on_disconnect: Option<String>,
+    /// Run as this user (the node agent must run as root).
+    #[arg(long)]
+    user: Option<String>,
     /// Stop grace before SIGKILL.
     #[arg(long)]
     grace: Option<String>,
@@ -730,6 +733,7 @@ fn run_spec(args: RunArgs) -> Result<v1::TaskSpec, Failure> {
         stop: args.grace.map(|grace| v1::StopSpec { grace }),
         escalation: None,
         on_disconnect: args.on_disconnect.unwrap_or_default(),
+        user: args.user.unwrap_or_default(),
     };
     muster_proto::spec::validate(&spec).map_err(|errors| {
         Failure::usage(

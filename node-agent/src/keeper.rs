@@ -25,6 +25,9 @@ pub struct LaunchSpec {
     pub stderr_log: String,
     pub max_file_bytes: u64,
     pub max_line_bytes: usize,
+    /// Run as this user; empty: as the agent.
+    #[serde(default)]
+    pub user: String,
 }
 
 /// One child the keeper knows.

@@ -45,6 +45,8 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     pub workdir: PathBuf,
     pub attempt_key: String,
+    /// Run as this user, with its groups (the agent must be root).
+    pub user: Option<String>,
 }
 
 /// A started attempt's main process and its output pipes.
@@ -171,6 +173,10 @@ impl SpawnError {
 
 /// Starts an attempt's main process in a process group of its own.
 pub fn spawn(launch: &Launch) -> Result<Spawned, SpawnError> {
+    let user = match &launch.user {
+        Some(name) => Some(resolve_user(name)?),
+        None => None,
+    };
     // A missing workdir fails exec with the same ENOENT as a missing binary; tell them apart.
     match std::fs::metadata(&launch.workdir) {
         Ok(m) if m.is_dir() => {}
@@ -187,10 +193,53 @@ pub fn spawn(launch: &Launch) -> Result<Spawned, SpawnError> {
             })
         }
     }
-    spawn_process(launch).map_err(|e| SpawnError::from_io(launch, &e))
+    spawn_process(launch, user.as_ref()).map_err(|e| SpawnError::from_io(launch, &e))
 }
 
-fn spawn_process(launch: &Launch) -> io::Result<Spawned> {
+/// A task's user, resolved before the fork.
+pub struct RunAs {
+    pub name: String,
+    pub dir: PathBuf,
+    pub uid: nix::unistd::Uid,
+    pub gid: nix::unistd::Gid,
+    /// The user's supplementary groups, as initgroups(3) would set them.
+    pub groups: Vec<nix::unistd::Gid>,
+}
+
+fn resolve_user(name: &str) -> Result<RunAs, SpawnError> {
+    let user = match nix::unistd::User::from_name(name) {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            return Err(SpawnError {
+                kind: "unknown_user",
+                message: format!("user {name:?} does not exist on this node"),
+            })
+        }
+        Err(e) => {
+            return Err(SpawnError {
+                kind: "unknown_user",
+                message: format!("looking up user {name:?}: {e}"),
+            })
+        }
+    };
+    let cname = std::ffi::CString::new(name).map_err(|_| SpawnError {
+        kind: "unknown_user",
+        message: format!("user {name:?} has a NUL byte"),
+    })?;
+    let groups = nix::unistd::getgrouplist(&cname, user.gid).map_err(|e| SpawnError {
+        kind: "unknown_user",
+        message: format!("groups of user {name:?}: {e}"),
+    })?;
+    Ok(RunAs {
+        name: user.name,
+        dir: user.dir,
+        uid: user.uid,
+        gid: user.gid,
+        groups,
+    })
+}
+
+fn spawn_process(launch: &Launch, user: Option<&RunAs>) -> io::Result<Spawned> {
     let (program, args): (OsString, Vec<String>) = if launch.shell {
         let mut args = vec!["-c".to_string()];
         args.extend(launch.argv.iter().cloned());
@@ -200,6 +249,13 @@ fn spawn_process(launch: &Launch) -> io::Result<Spawned> {
     };
 
     let mut command = Command::new(&program);
+    if let Some(user) = user {
+        // The user's home and names first, so the task's own env may still override them.
+        command
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name)
+            .env("HOME", &user.dir);
+    }
     command
         .args(&args)
         .current_dir(&launch.workdir)
@@ -209,6 +265,21 @@ fn spawn_process(launch: &Launch) -> io::Result<Spawned> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(user) = user {
+        let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
+        // SAFETY: between fork and exec only async-signal-safe work may run. The group list
+        // was resolved before the fork (NSS lookups allocate and lock); what runs here are
+        // three plain syscalls, in the order that drops privileges for good.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(move || {
+                nix::unistd::setgroups(&groups).map_err(std::io::Error::from)?;
+                nix::unistd::setgid(gid).map_err(std::io::Error::from)?;
+                nix::unistd::setuid(uid).map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+    }
 
     let reaper = reaper();
     let mut registry = reaper.registry.lock().expect("reaper registry poisoned");

@@ -88,6 +88,18 @@ pub fn record_attempt(task_dir: &std::path::Path, attempt: u32, key: &str) {
     }
 }
 
+/// Lets a task's user write its status file and data dir.
+fn give_to_user(user: &str, paths: &[&std::path::Path]) {
+    let Ok(Some(user)) = nix::unistd::User::from_name(user) else {
+        return;
+    };
+    for path in paths {
+        if let Err(e) = nix::unistd::chown(*path, Some(user.uid), Some(user.gid)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot hand the path to the task's user");
+        }
+    }
+}
+
 /// Writes a file whole or not at all.
 pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -387,7 +399,14 @@ impl Runner {
                         .into_owned(),
                     max_file_bytes: self.ctx.log_limits.max_file_bytes,
                     max_line_bytes: self.ctx.log_limits.max_line_bytes,
+                    user: self.spec.user.clone(),
                 };
+                if !self.spec.user.is_empty() {
+                    give_to_user(
+                        &self.spec.user,
+                        &[&status_path, &self.ctx.task_data_dir(name)],
+                    );
+                }
                 let watch = keeper.watch(&key);
                 let started = Instant::now();
                 match keeper.spawn(launch).await {

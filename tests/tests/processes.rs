@@ -139,3 +139,44 @@ fn node_agent_sigterm_stops_its_tasks_and_exits_0() {
         "the agent left its task's processes: {left:?}"
     );
 }
+
+#[test]
+fn task_user_gets_its_uid_and_supplementary_groups() {
+    let Some(expected) = command_output("id", &["-G", "nobody"]) else {
+        return; // no `nobody` user on this machine: nothing to check
+    };
+    if command_output("id", &["-u"]).as_deref() != Some("0") {
+        return; // switching users needs a root agent
+    }
+    let uid = command_output("id", &["-u", "nobody"]).expect("nobody has a uid");
+    let fleet = Fleet::start(1, FleetOptions::default());
+    let spec = r#"
+name = "as-nobody"
+shell = true
+user = "nobody"
+command = ['echo "$(id -u) $(id -G) $USER" > "$MUSTER_DATA_DIR/who"; echo "{\"state\":\"done\"}" >> "$MUSTER_STATUS_FILE"']
+[restart]
+policy = "never"
+"#;
+
+    fleet.submit_toml("as-nobody", spec);
+    fleet.wait_for_task_state("as-nobody", "succeeded", TASK_DEADLINE);
+
+    let who = std::fs::read_to_string(fleet.task_dir("node-1", "as-nobody").join("data/who"))
+        .expect("the task wrote who it ran as");
+    assert_eq!(
+        who.trim(),
+        format!("{uid} {expected} nobody"),
+        "uid, groups (as `id -G nobody` lists them) and USER"
+    );
+}
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}

@@ -183,6 +183,7 @@ fn spawn(spec: LaunchSpec, state: Shared) -> Result<(u32, u64), process::SpawnEr
         env: spec.env.clone(),
         workdir: PathBuf::from(&spec.workdir),
         attempt_key: spec.key.clone(),
+        user: (!spec.user.is_empty()).then(|| spec.user.clone()),
     };
     let spawned = process::spawn(&launch)?;
     let pid = spawned.pid;

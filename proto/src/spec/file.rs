@@ -44,6 +44,8 @@ struct TaskDoc {
     escalation: Option<EscalationDoc>,
     #[serde(default)]
     on_disconnect: String,
+    #[serde(default)]
+    user: String,
     matrix: Option<BTreeMap<String, Vec<MatrixValue>>>,
 }
 
@@ -341,6 +343,7 @@ impl TaskDoc {
                 severity: e.severity,
             }),
             on_disconnect: self.on_disconnect,
+            user: self.user,
         }
     }
 }

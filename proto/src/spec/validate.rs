@@ -91,6 +91,16 @@ pub fn validate(spec: &v1::TaskSpec) -> Result<(), Vec<FieldError>> {
     if let Some(stop) = &spec.stop {
         check_duration("stop.grace", &stop.grace, &mut bad);
     }
+    if !spec.user.is_empty()
+        && (spec.user.len() > 32
+            || !spec
+                .user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            || spec.user.starts_with('-'))
+    {
+        bad("user", format!("{:?} is not a valid user name", spec.user));
+    }
     if spec.on_disconnect != "keep" {
         if let Some(d) = check_duration("on_disconnect", &spec.on_disconnect, &mut bad) {
             if d.is_zero() {
