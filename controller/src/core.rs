@@ -265,6 +265,8 @@ impl Core {
                     last_seen_ms: now_ms(),
                     session: None,
                     tasks: HashSet::new(),
+                    returns: Default::default(),
+                    damped_until: None,
                 });
         }
         let held: Vec<(String, String)> = core

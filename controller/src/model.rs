@@ -255,6 +255,10 @@ pub struct NodeRecord {
     pub last_seen_ms: i64,
     pub session: Option<crate::core::SessionHandle>,
     pub tasks: HashSet<String>,
+    /// Times the node came back after being lost, for damping a flapping node.
+    pub returns: std::collections::VecDeque<Instant>,
+    /// A flapping node takes no new task before this.
+    pub damped_until: Option<Instant>,
 }
 
 impl NodeRecord {
@@ -285,6 +289,7 @@ impl NodeRecord {
             .is_none_or(|p| p.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v)));
         self.state == NodeState::Ready
             && self.session.is_some()
+            && self.damped_until.is_none_or(|t| t <= Instant::now())
             && labels_match
             && self.free_slots() >= task.slots()
             && self.capacity.gpus.saturating_sub(self.used.gpus) >= res.gpus

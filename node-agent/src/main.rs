@@ -41,6 +41,9 @@ struct Args {
     /// Cap of each log file before it is rotated, in bytes.
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     log_max_bytes: u64,
+    /// Longer output lines are split (with a "[line split]" marker) for matching and tails.
+    #[arg(long, default_value_t = 8 * 1024)]
+    log_max_line_bytes: usize,
     /// Shared directory for task data (MUSTER_DATA_DIR = DIR/<task>), e.g. on shared
     /// storage so that a task moved to another node finds its checkpoints.
     #[arg(long)]
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         task_data_root: args.task_data_dir,
         log_limits: LogLimits {
             max_file_bytes: args.log_max_bytes.max(4096),
+            max_line_bytes: args.log_max_line_bytes.clamp(64, 1 << 20),
             ..Default::default()
         },
     };

@@ -196,6 +196,22 @@ pub fn spawn(launch: &Launch) -> Result<Spawned, SpawnError> {
     spawn_process(launch, user.as_ref()).map_err(|e| SpawnError::from_io(launch, &e))
 }
 
+/// Sets close-on-exec on every descriptor above stderr, between fork and exec.
+#[allow(unsafe_code)]
+fn mark_inherited_fds_cloexec() {
+    // close_range(2) with CLOSE_RANGE_CLOEXEC (4), Linux 5.11 and later.
+    // SAFETY: a plain syscall with integer arguments.
+    let done = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32) } == 0;
+    if !done {
+        for fd in 3..4096 {
+            // SAFETY: fcntl on a descriptor that may not exist only fails with EBADF.
+            unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// A task's user, resolved before the fork.
 pub struct RunAs {
     pub name: String,
@@ -265,6 +281,16 @@ fn spawn_process(launch: &Launch, user: Option<&RunAs>) -> io::Result<Spawned> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // SAFETY: only async-signal-safe syscalls run between fork and exec here. Whatever the
+    // agent or keeper inherited without close-on-exec (a parent's jobserver pipes, a
+    // supervisor's sockets) must not reach a task.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            mark_inherited_fds_cloexec();
+            Ok(())
+        });
+    }
     if let Some(user) = user {
         let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
         // SAFETY: between fork and exec only async-signal-safe work may run. The group list

@@ -50,8 +50,26 @@ impl Core {
                 last_seen_ms: now_ms(),
                 session: None,
                 tasks: HashSet::new(),
+                returns: Default::default(),
+                damped_until: None,
             });
         let was_lost = node.state == NodeState::Lost;
+        if was_lost {
+            // Three returns within ten minutes: a flapping node; give it no new task for five.
+            let now = Instant::now();
+            node.returns.push_back(now);
+            while node
+                .returns
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(600))
+            {
+                node.returns.pop_front();
+            }
+            if node.returns.len() >= 3 {
+                node.damped_until = Some(now + Duration::from_secs(300));
+                tracing::warn!(node = %name, returns = node.returns.len(), "flapping node: no new tasks for 5 minutes");
+            }
+        }
         node.capacity = hello.capacity.unwrap_or_default();
         node.labels = hello.labels.clone();
         node.version = hello.version.clone();
