@@ -7,6 +7,7 @@
 pub mod fleet;
 pub mod inbox;
 pub mod process;
+pub mod receiver;
 
 use std::time::Duration;
 
