@@ -265,6 +265,16 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_drops_bytes_and_keeps_the_error() {
+        let mut log = LogFile::open(PathBuf::from("/dev/full"), LogLimits::default());
+
+        log.write(b"hello");
+
+        assert_eq!(log.dropped, 5);
+        assert!(log.error.as_deref().unwrap_or_default().contains("No space"), "{:?}", log.error);
+    }
+
+    #[test]
     fn read_chunk_from_end_and_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
