@@ -66,7 +66,7 @@ enum Cmd {
         json: bool,
     },
     /// Run a command as a task: muster run --name NAME [options] -- CMD ARGS...
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List tasks.
     Ls {
         #[arg(long)]
@@ -316,7 +316,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Run(args) => {
             let json = args.json;
-            let spec = run_spec(args)?;
+            let spec = run_spec(*args)?;
             let names = connect()
                 .await?
                 .submit(v1::SubmitRequest { tasks: vec![spec] })

@@ -232,6 +232,10 @@ impl Core {
             .restore(loaded.groups, loaded.deliveries, max_group, max_delivery);
         for incident in loaded.incidents {
             core.next_incident = core.next_incident.max(incident.id + 1);
+            if incident.state == "resolved" {
+                core.resolved.insert(incident.id, incident);
+                continue;
+            }
             core.open_incidents.insert(
                 (
                     incident.task.clone(),

@@ -133,7 +133,7 @@ impl Store {
 
         let incidents = self
             .conn
-            .prepare("SELECT id, task, node, reason, state, severity, message, opened_ms, updated_ms, resolved_ms FROM incidents WHERE state != 'resolved'")?
+            .prepare("SELECT id, task, node, reason, state, severity, message, opened_ms, updated_ms, resolved_ms FROM incidents WHERE state != 'resolved' OR id IN (SELECT id FROM incidents WHERE state = 'resolved' ORDER BY id DESC LIMIT 10000)")?
             .query_map([], |r| {
                 Ok(Incident {
                     id: r.get::<_, i64>(0)? as u64,

@@ -139,7 +139,9 @@ impl Core {
                 None => {
                     let g = self.alerts.next_group;
                     self.alerts.next_group += 1;
-                    let notice_incident = self.notice_incident(id);
+                    let notice_incident = self
+                        .notice_incident(id)
+                        .expect("the incident was just opened");
                     self.alerts.groups.insert(
                         g,
                         Group {
@@ -380,7 +382,7 @@ impl Core {
         let mut incidents: Vec<NoticeIncident> = group
             .members
             .iter()
-            .map(|&m| self.notice_incident(m))
+            .filter_map(|&m| self.notice_incident(m))
             .collect();
         if step == Step::Trigger || step == Step::Remind {
             // Say only what is still wrong; members resolved within the window drop out.
@@ -416,14 +418,11 @@ impl Core {
         self.batch.notices.push(notice);
     }
 
-    fn notice_incident(&self, id: u64) -> NoticeIncident {
-        let incident = self
-            .incidents
-            .get(&id)
-            .or_else(|| self.resolved.get(&id))
-            .expect("incident of a group exists");
+    /// An incident as notifications show it; None once it is forgotten (resolved long ago).
+    fn notice_incident(&self, id: u64) -> Option<NoticeIncident> {
+        let incident = self.incidents.get(&id).or_else(|| self.resolved.get(&id))?;
         let task = self.tasks.get(&incident.task);
-        NoticeIncident {
+        Some(NoticeIncident {
             id,
             task: incident.task.clone(),
             node: if incident.node.is_empty() {
@@ -444,6 +443,6 @@ impl Core {
             }),
             log_tail: task.map_or(Vec::new(), |t| t.live.log_tail.clone()),
             state: incident.state.clone(),
-        }
+        })
     }
 }

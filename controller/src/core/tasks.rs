@@ -516,10 +516,14 @@ impl Core {
             _ => return,
         };
         let previous = task.state;
+        if next != TaskState::NeedsHelp && !child_state.is_empty() {
+            // Also after a restart: the new attempt says it is no longer stuck.
+            self.resolve_incident(name, "", "needs_help", "task reports it is no longer stuck");
+        }
         if previous == next {
             return;
         }
-        let message = task.message.clone();
+        let message = self.tasks[name].message.clone();
         self.tasks
             .get_mut(name)
             .expect("task exists")
@@ -532,8 +536,6 @@ impl Core {
                 Severity::Error,
                 &format!("{name} needs help: {message}"),
             );
-        } else if previous == TaskState::NeedsHelp {
-            self.resolve_incident(name, "", "needs_help", "task reports it is no longer stuck");
         }
     }
 

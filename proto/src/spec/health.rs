@@ -291,7 +291,9 @@ pub fn wait_in_line(line: &str) -> Option<Duration> {
         Some('h') => value * 3600.0,
         _ => value,
     };
-    (secs.is_finite() && secs >= 0.0 && secs < 86_400.0).then(|| Duration::from_secs_f64(secs))
+    (0.0..86_400.0)
+        .contains(&secs)
+        .then(|| Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]
