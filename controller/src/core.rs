@@ -7,6 +7,7 @@ mod alerts;
 mod api;
 mod health;
 mod incidents;
+mod metrics;
 mod nodes;
 mod rules;
 mod tasks;
@@ -159,6 +160,7 @@ pub struct Core {
     batch: Batch,
     alert_config: crate::config::Alerts,
     alerts: alerts::Alerting,
+    metrics: metrics::Counters,
     /// Set while most nodes are silent at once: the controller's own network is suspect.
     partition_since: Option<Instant>,
     /// Recently resolved incidents, for `incidents --all` and repeated resolves.
@@ -217,6 +219,7 @@ impl Core {
             alerts: alerts::Alerting::default(),
             resolved: Default::default(),
             partition_since: None,
+            metrics: metrics::Counters::default(),
             store,
         };
         for mut task in loaded.tasks {
@@ -398,7 +401,14 @@ impl Core {
         // The events are durable in the database with the state they explain, then in the
         // inbox; a crash between the two is mended at start from the database.
         self.store.commit(&changes)?;
+        let appending = Instant::now();
         self.inbox.append(&batch.events)?;
+        if !batch.events.is_empty() {
+            self.metrics
+                .inbox_append
+                .observe(appending.elapsed().as_secs_f64());
+            self.metrics.events += batch.events.len() as u64;
+        }
         self.inbox.publish(batch.events);
         for notice in batch.notices {
             match self.alerts.queues.get(&notice.dest) {

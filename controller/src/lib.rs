@@ -57,6 +57,8 @@ pub enum StartError {
 
 pub struct Options {
     pub listen: String,
+    /// Where to serve Prometheus `/metrics` over HTTP (none: not served).
+    pub http: Option<String>,
     pub data_dir: PathBuf,
     pub settings: Settings,
 }
@@ -69,6 +71,7 @@ pub struct Controller {
     addr: SocketAddr,
     data_dir: PathBuf,
     alerts: config::Alerts,
+    http: Option<TcpListener>,
 }
 
 impl Controller {
@@ -101,6 +104,19 @@ impl Controller {
             addr: options.listen.clone(),
             source,
         })?;
+        let http = match &options.http {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| StartError::Listen {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         Ok(Controller {
             listener,
             core,
@@ -108,6 +124,7 @@ impl Controller {
             addr,
             data_dir: options.data_dir,
             alerts: options.settings.alerts,
+            http,
         })
     }
 
@@ -170,6 +187,29 @@ impl Controller {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
 
+        if let Some(listener) = self.http {
+            let scrape_core = core.clone();
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(http = %addr, "serving /metrics");
+                let _ = std::fs::write(
+                    self.data_dir.join("metrics.addr"),
+                    format!("http://{addr}/metrics\n"),
+                );
+            }
+            tokio::spawn(muster_proto::metrics::serve(listener, move || {
+                let core = scrape_core.clone();
+                async move {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if !core.send(Input::Request(crate::core::Request::Metrics { reply: tx })) {
+                        return String::new();
+                    }
+                    match rx.await {
+                        Ok(Ok(text)) => text,
+                        _ => String::new(),
+                    }
+                }
+            }));
+        }
         let url = format!("http://{}", self.addr);
         // `muster` and tests find a controller listening on port 0 through this file.
         let addr_file = self.data_dir.join("controller.addr");

@@ -17,6 +17,10 @@ struct Args {
     /// Where the state database and the inbox live.
     #[arg(long, default_value = "./.muster/controller")]
     data_dir: PathBuf,
+    /// Serve Prometheus /metrics over HTTP here (port 0: a free port, written to
+    /// DATA_DIR/metrics.addr).
+    #[arg(long)]
+    http: Option<String>,
     /// Config file (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let options = Options {
             listen: args.listen,
+            http: args.http,
             data_dir: args.data_dir,
             settings,
         };

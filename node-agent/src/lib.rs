@@ -57,6 +57,17 @@ pub struct Context {
     pub data_dir_id: String,
     /// When the controller was last heard from, and the lease it granted.
     pub contact: std::sync::Mutex<Contact>,
+    pub stats: Stats,
+}
+
+/// Counters for the node's `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub attempts_started: std::sync::atomic::AtomicU64,
+    pub attempts_failed: std::sync::atomic::AtomicU64,
+    pub restarts: std::sync::atomic::AtomicU64,
+    pub spawn_failures: std::sync::atomic::AtomicU64,
+    pub connected: std::sync::atomic::AtomicBool,
 }
 
 /// The node's contact with the controller, for the lease.
@@ -184,6 +195,7 @@ impl Agent {
             keeper,
             data_dir_id,
             // Until a Welcome says otherwise: the controller's default lease.
+            stats: Stats::default(),
             contact: std::sync::Mutex::new(Contact {
                 last: std::time::Instant::now(),
                 lease: Duration::from_secs(30),
@@ -197,6 +209,15 @@ impl Agent {
             ctx,
             capacity: config.capacity,
         })
+    }
+
+    /// Serves Prometheus `/metrics` on `listener` for as long as the runtime runs.
+    pub fn serve_metrics(&self, listener: tokio::net::TcpListener) {
+        let (ctx, supervisor) = (self.ctx.clone(), self.supervisor.clone());
+        tokio::spawn(muster_proto::metrics::serve(listener, move || {
+            let text = metrics(&ctx, &supervisor);
+            async move { text }
+        }));
     }
 
     pub fn instance(&self) -> &str {
@@ -267,4 +288,61 @@ impl Agent {
         tracing::info!(unsent = self.ctx.outbox.len(), "node agent stopped");
         Ok(())
     }
+}
+
+fn metrics(ctx: &Context, supervisor: &Supervisor) -> String {
+    use muster_proto::metrics::{render, Family};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tasks = Family::new("muster_node_tasks", "gauge", "Tasks on this node by phase.");
+    let running = supervisor.running();
+    for phase in ["starting", "running", "backoff", "stopping"] {
+        let n = running.iter().filter(|a| a.state == phase).count();
+        tasks = tasks.with(&[("phase", phase)], n as f64);
+    }
+    let s = &ctx.stats;
+    render(&[
+        tasks,
+        Family::new(
+            "muster_node_attempts_started_total",
+            "counter",
+            "Attempts started on this node.",
+        )
+        .with(&[], s.attempts_started.load(Relaxed) as f64),
+        Family::new(
+            "muster_node_attempts_failed_total",
+            "counter",
+            "Attempts that exited non-zero or by a signal nobody asked for.",
+        )
+        .with(&[], s.attempts_failed.load(Relaxed) as f64),
+        Family::new(
+            "muster_node_restarts_total",
+            "counter",
+            "Restarts this node's agent decided.",
+        )
+        .with(&[], s.restarts.load(Relaxed) as f64),
+        Family::new(
+            "muster_node_spawn_failures_total",
+            "counter",
+            "Attempts that could not start.",
+        )
+        .with(&[], s.spawn_failures.load(Relaxed) as f64),
+        Family::new(
+            "muster_node_outbox_events",
+            "gauge",
+            "Events waiting for the controller's acknowledgement.",
+        )
+        .with(&[], ctx.outbox.len() as f64),
+        Family::new(
+            "muster_node_controller_connected",
+            "gauge",
+            "1 while a session with the controller is up.",
+        )
+        .with(&[], if s.connected.load(Relaxed) { 1.0 } else { 0.0 }),
+        Family::new(
+            "muster_node_controller_silence_seconds",
+            "gauge",
+            "Seconds since the controller was last heard from.",
+        )
+        .with(&[], ctx.silent_for().as_secs_f64()),
+    ])
 }

@@ -271,7 +271,14 @@ mod tests {
         log.write(b"hello");
 
         assert_eq!(log.dropped, 5);
-        assert!(log.error.as_deref().unwrap_or_default().contains("No space"), "{:?}", log.error);
+        assert!(
+            log.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("No space"),
+            "{:?}",
+            log.error
+        );
     }
 
     #[test]

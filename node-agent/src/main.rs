@@ -48,6 +48,10 @@ struct Args {
     /// storage so that a task moved to another node finds its checkpoints.
     #[arg(long)]
     task_data_dir: Option<PathBuf>,
+    /// Serve Prometheus /metrics over HTTP here (port 0: a free port, written to
+    /// DATA_DIR/metrics.addr).
+    #[arg(long)]
+    http: Option<String>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
 
+    let (http, data_dir) = (args.http.clone(), config.data_dir.clone());
     let runtime = tokio::runtime::Runtime::new().expect("building the tokio runtime");
     runtime.block_on(async move {
         tracing::info!(node = %config.name, controller = %config.controller, slots = config.capacity.slots, "node agent starting");
@@ -127,6 +132,21 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(addr) = &http {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    if let Ok(local) = listener.local_addr() {
+                        tracing::info!(http = %local, "serving /metrics");
+                        let _ = std::fs::write(data_dir.join("metrics.addr"), format!("http://{local}/metrics\n"));
+                    }
+                    agent.serve_metrics(listener);
+                }
+                Err(e) => {
+                    eprintln!("muster-node-agent: --http {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         let prefix = agent.key_prefix();
         let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");

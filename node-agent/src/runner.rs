@@ -181,9 +181,16 @@ impl Runner {
                     class: d.class.to_string(),
                 }),
             );
+            if end.requested.is_none() && end.exit.is_some_and(|e| !e.success()) {
+                self.ctx
+                    .stats
+                    .attempts_failed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             if d.next != "backoff" {
                 return attempt;
             }
+            self.ctx.stats.restarts.fetch_add(1, Ordering::Relaxed);
 
             self.set_phase(attempt + 1, 0, "backoff");
             if let Some(reason) = self.wait_before_restart(d.backoff, &mut control).await {
@@ -415,10 +422,18 @@ impl Runner {
                         self.ctx
                             .outbox
                             .push(name, attempt, Kind::Started(AttemptStarted { pid }));
+                        self.ctx
+                            .stats
+                            .attempts_started
+                            .fetch_add(1, Ordering::Relaxed);
                         (key, pid, started, watch, None)
                     }
                     Err(e) => {
                         tracing::warn!(task = %name, attempt, kind = e.kind, error = %e.message, "spawn failed");
+                        self.ctx
+                            .stats
+                            .spawn_failures
+                            .fetch_add(1, Ordering::Relaxed);
                         keeper.forget(&key);
                         return AttemptEnd {
                             exit: None,

@@ -112,6 +112,11 @@ impl Session {
         let heartbeat =
             Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.clamp(100, 60_000)));
         tracing::info!(controller = %self.ctx.controller, epoch = welcome.epoch, "connected to controller");
+        self.ctx
+            .stats
+            .connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _connected = Connected(&self.ctx);
 
         let (extra_tx, mut extra_rx) = mpsc::unbounded_channel::<Extra>();
         let mut ticker = tokio::time::interval(heartbeat);
@@ -204,6 +209,18 @@ impl Session {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10));
         Ok(endpoint.connect().await?)
+    }
+}
+
+/// Clears the connected flag when a session ends, however it ends.
+struct Connected<'a>(&'a Context);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .connected
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod duration;
+pub mod metrics;
 pub mod spec;
 
 /// Generated `muster.v1` messages and services.

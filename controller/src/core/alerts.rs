@@ -300,6 +300,11 @@ impl Core {
 
     /// A delivery attempt's outcome from a worker.
     pub(super) fn on_alert_attempt(&mut self, a: Attempted) {
+        *self
+            .metrics
+            .alerts
+            .entry((a.dest.as_str(), a.ok))
+            .or_default() += 1;
         let mut event = Event::new(
             if a.ok { "alert.sent" } else { "alert.failed" },
             if a.ok {

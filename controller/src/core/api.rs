@@ -75,6 +75,10 @@ pub enum Request {
         request: v1::LogRequest,
         reply: Reply<v1::LogChunk>,
     },
+    /// The Prometheus text of the controller's metrics.
+    Metrics {
+        reply: Reply<String>,
+    },
 }
 
 impl Core {
@@ -142,6 +146,9 @@ impl Core {
                 self.reply(reply, result);
             }
             Request::Log { request, reply } => self.log(request, reply),
+            Request::Metrics { reply } => {
+                let _ = reply.send(Ok(self.render_metrics()));
+            }
         }
     }
 

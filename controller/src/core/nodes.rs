@@ -229,6 +229,7 @@ impl Core {
                 continue;
             }
             acked = event.seq;
+            self.metrics.node_events += 1;
             self.on_node_event(node, event);
         }
         if let Some(record) = self.nodes.get_mut(node) {

@@ -163,6 +163,7 @@ impl Core {
             task.set_state(TaskState::Running, "started");
         }
         self.batch.attempts.push(current);
+        self.metrics.attempts_started += 1;
         self.touch(name);
 
         let event = self
@@ -242,6 +243,12 @@ impl Core {
         }
         if let Some(sig) = exited.signal {
             event = event.with("signal", sig);
+        }
+        if exited.exit_code != Some(0) && exited.next != "stopped" {
+            self.metrics.attempts_failed += 1;
+        }
+        if exited.next == "backoff" {
+            self.metrics.restarts += 1;
         }
         if !exited.error.is_empty() {
             event = event.with("error", exited.error.clone());
