@@ -64,7 +64,38 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-pub type Client = FleetServiceClient<Channel>;
+/// Adds `authorization: Bearer $MUSTER_TOKEN` to every call when the variable is set.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    fn from_env() -> Result<Bearer, Failure> {
+        match std::env::var("MUSTER_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => format!("Bearer {}", token.trim())
+                .parse()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| Failure::usage("MUSTER_TOKEN has characters a header cannot carry")),
+            _ => Ok(Bearer(None)),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client =
+    FleetServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 /// The controller URL: `--controller`, else `MUSTER_CONTROLLER` (both via clap), else the
 /// local fleet that `muster up` runs from `data_dir`.
@@ -110,9 +141,11 @@ async fn connect_with(url: &str, timeout: Option<Duration>) -> Result<Client, Fa
             root_cause(&e)
         ))
     })?;
-    Ok(FleetServiceClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20))
+    Ok(
+        FleetServiceClient::with_interceptor(channel, Bearer::from_env()?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+    )
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

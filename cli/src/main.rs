@@ -162,6 +162,9 @@ enum Cmd {
     /// Health rules.
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Inside a task: append a status line to $MUSTER_STATUS_FILE.
     Report {
         /// starting, running, blocked, needs_help, done or failed.
@@ -172,6 +175,18 @@ enum Cmd {
         /// A metric, key=value (repeatable).
         #[arg(long = "metric")]
         metrics: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Make a new random token; prints it once, and the config entry that holds its hash.
+    New {
+        #[arg(long)]
+        name: String,
+        /// viewer, operator, admin or node.
+        #[arg(long)]
+        role: String,
     },
 }
 
@@ -508,6 +523,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             print_incident(&incident, json);
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::New { name, role }) => {
+            if !["viewer", "operator", "admin", "node"].contains(&role.as_str()) {
+                return Err(Failure::usage(format!(
+                    "--role {role:?} is not viewer, operator, admin or node"
+                )));
+            }
+            if name.is_empty() || name.chars().any(|c| c.is_control() || c == '"') {
+                return Err(Failure::usage(
+                    "--name must be non-empty, without quotes or control characters",
+                ));
+            }
+            let token: String = (0..32)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect();
+            let hash: String = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            println!("token (shown once; give it as MUSTER_TOKEN, or --token for a node agent):\n{token}\n");
+            println!("add to the controller config:\n[[auth.tokens]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{hash}\"");
             Ok(())
         }
         Cmd::Rules(RulesCmd::Check {

@@ -14,6 +14,23 @@ struct File {
     controller: ControllerSection,
     #[serde(default)]
     alerts: AlertsSection,
+    #[serde(default)]
+    auth: AuthSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSection {
+    #[serde(default)]
+    tokens: Vec<TokenSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenSection {
+    name: String,
+    role: String,
+    sha256: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +96,7 @@ pub struct Settings {
     pub core: CoreConfig,
     pub inbox_segment_bytes: u64,
     pub alerts: Alerts,
+    pub auth: crate::auth::Auth,
 }
 
 impl Default for Settings {
@@ -87,6 +105,7 @@ impl Default for Settings {
             core: CoreConfig::default(),
             inbox_segment_bytes: 64 << 20,
             alerts: Alerts::default(),
+            auth: crate::auth::Auth::default(),
         }
     }
 }
@@ -218,6 +237,29 @@ pub fn parse(text: &str) -> Result<Settings, Vec<String>> {
         settings.inbox_segment_bytes = mb.max(1) << 20;
     }
     parse_alerts(file.alerts, &mut settings.alerts, &mut errors);
+    for (i, t) in file.auth.tokens.into_iter().enumerate() {
+        let role = crate::auth::Role::parse(&t.role);
+        let hash = crate::auth::parse_hex(&t.sha256.to_ascii_lowercase());
+        if role.is_none() {
+            errors.push(format!(
+                "auth.tokens[{i}].role is {:?}; expected viewer, operator, admin or node",
+                t.role
+            ));
+        }
+        if hash.is_none() {
+            errors.push(format!("auth.tokens[{i}].sha256 must be 64 hex digits (the SHA-256 of the token; `muster token new` prints it)"));
+        }
+        if t.name.is_empty() {
+            errors.push(format!("auth.tokens[{i}].name is empty"));
+        }
+        if let (Some(role), Some(sha256)) = (role, hash) {
+            settings.auth.tokens.push(crate::auth::Token {
+                name: t.name,
+                role,
+                sha256,
+            });
+        }
+    }
     if settings.core.node_timeout <= settings.core.heartbeat_interval * 2 {
         errors.push(
             "controller.node_timeout must be more than twice controller.heartbeat_interval"

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alert;
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod event;
@@ -71,6 +72,7 @@ pub struct Controller {
     addr: SocketAddr,
     data_dir: PathBuf,
     alerts: config::Alerts,
+    auth: Arc<auth::Auth>,
     http: Option<TcpListener>,
 }
 
@@ -124,6 +126,7 @@ impl Controller {
             addr,
             data_dir: options.data_dir,
             alerts: options.settings.alerts,
+            auth: Arc::new(options.settings.auth),
             http,
         })
     }
@@ -172,11 +175,17 @@ impl Controller {
             .build_v1alpha()
             .expect("reflection descriptors are valid");
 
-        let fleet =
-            FleetServiceServer::new(service::fleet::Fleet::new(core.clone(), self.inbox.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let nodes = NodeServiceServer::new(service::node::NodeSessions::new(core.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let fleet = FleetServiceServer::new(service::fleet::Fleet::new(
+            core.clone(),
+            self.inbox.clone(),
+            self.auth.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let nodes = NodeServiceServer::new(service::node::NodeSessions::new(
+            core.clone(),
+            self.auth.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
         health
             .set_serving::<FleetServiceServer<service::fleet::Fleet>>()
             .await;

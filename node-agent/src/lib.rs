@@ -37,6 +37,8 @@ pub struct Config {
     pub capacity: Capacity,
     pub labels: HashMap<String, String>,
     pub log_limits: LogLimits,
+    /// Bearer token for the controller (role `node`), when it requires tokens.
+    pub token: Option<String>,
     /// Where `MUSTER_DATA_DIR` of each task lives (`ROOT/<task>`); shared storage here lets a
     /// task resume its checkpoints on another node. Default: inside each task's directory.
     pub task_data_root: Option<PathBuf>,
@@ -52,6 +54,7 @@ pub struct Context {
     pub log_limits: LogLimits,
     pub outbox: Arc<Outbox>,
     pub task_data_root: Option<PathBuf>,
+    pub token: Option<String>,
     pub keeper: Arc<keeper::client::Keeper>,
     /// A random id made once per data dir.
     pub data_dir_id: String,
@@ -192,6 +195,7 @@ impl Agent {
             log_limits: config.log_limits,
             outbox: Arc::new(Outbox::new()),
             task_data_root: config.task_data_root,
+            token: config.token,
             keeper,
             data_dir_id,
             // Until a Welcome says otherwise: the controller's default lease.

@@ -52,6 +52,9 @@ struct Args {
     /// DATA_DIR/metrics.addr).
     #[arg(long)]
     http: Option<String>,
+    /// Bearer token (role node) when the controller requires tokens.
+    #[arg(long, env = "MUSTER_NODE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         },
         labels: args.labels,
         task_data_root: args.task_data_dir,
+        token: args.token,
         log_limits: LogLimits {
             max_file_bytes: args.log_max_bytes.max(4096),
             max_line_bytes: args.log_max_line_bytes.clamp(64, 1 << 20),

@@ -92,7 +92,16 @@ impl Session {
         })
         .await
         .map_err(|_| SessionError::Closed)?;
-        let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = &self.ctx.token {
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                SessionError::Refused(tonic::Status::invalid_argument(
+                    "the node token has characters a header cannot carry",
+                ))
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut inbound = client.connect(request).await?.into_inner();
 
         let welcome = match inbound.next().await {
             Some(Ok(ControllerMessage {

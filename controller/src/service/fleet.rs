@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use muster_proto::spec;
 use muster_proto::v1::{self, fleet_service_server::FleetService};
 
+use crate::auth::{Auth, Role};
 use crate::core::{self as core_, ApiError, CoreHandle, Input};
 use crate::event::Event;
 use crate::inbox::Inbox;
@@ -22,11 +23,12 @@ const READ_LIMIT: u32 = 10_000;
 pub struct Fleet {
     core: CoreHandle,
     inbox: Arc<Inbox>,
+    auth: Arc<Auth>,
 }
 
 impl Fleet {
-    pub fn new(core: CoreHandle, inbox: Arc<Inbox>) -> Self {
-        Fleet { core, inbox }
+    pub fn new(core: CoreHandle, inbox: Arc<Inbox>, auth: Arc<Auth>) -> Self {
+        Fleet { core, inbox, auth }
     }
 
     async fn ask<T>(
@@ -58,14 +60,6 @@ fn status(e: ApiError) -> Status {
     }
 }
 
-/// Who is calling; authentication arrives with the operator API's roles.
-fn caller<T>(request: &Request<T>) -> String {
-    request.remote_addr().map_or_else(
-        || "operator".to_string(),
-        |a| format!("operator@{}", a.ip()),
-    )
-}
-
 fn check_task_name(field: &str, name: &str) -> Result<(), Status> {
     spec::check_name(name).map_err(|p| Status::invalid_argument(format!("{field} {p}")))
 }
@@ -79,7 +73,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
-        let caller = caller(&request);
+        let caller = self.auth.check(&request, Role::Operator)?;
         let specs = request.into_inner().tasks;
         if specs.is_empty() {
             return Err(Status::invalid_argument(
@@ -121,6 +115,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::GetTaskRequest>,
     ) -> Result<Response<v1::Task>, Status> {
+        self.auth.check(&request, Role::Viewer)?;
         let name = request.into_inner().name;
         check_task_name("name", &name)?;
         let task = self
@@ -133,6 +128,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::ListTasksRequest>,
     ) -> Result<Response<v1::ListTasksResponse>, Status> {
+        self.auth.check(&request, Role::Viewer)?;
         let filter = request.into_inner();
         if !filter.state.is_empty() && crate::model::TaskState::parse(&filter.state).is_none() {
             return Err(Status::invalid_argument(format!(
@@ -150,7 +146,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::StopTaskRequest>,
     ) -> Result<Response<v1::StopTaskResponse>, Status> {
-        let caller = caller(&request);
+        let caller = self.auth.check(&request, Role::Operator)?;
         let name = request.into_inner().name;
         check_task_name("name", &name)?;
         let task = self
@@ -167,7 +163,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::RestartTaskRequest>,
     ) -> Result<Response<v1::RestartTaskResponse>, Status> {
-        let caller = caller(&request);
+        let caller = self.auth.check(&request, Role::Operator)?;
         let name = request.into_inner().name;
         check_task_name("name", &name)?;
         let task = self
@@ -182,8 +178,9 @@ impl FleetService for Fleet {
 
     async fn list_nodes(
         &self,
-        _request: Request<v1::ListNodesRequest>,
+        request: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        self.auth.check(&request, Role::Viewer)?;
         let nodes = self.ask(|reply| core_::Request::Nodes { reply }).await?;
         Ok(Response::new(v1::ListNodesResponse { nodes }))
     }
@@ -192,6 +189,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::ReadInboxRequest>,
     ) -> Result<Response<v1::ReadInboxResponse>, Status> {
+        self.auth.check(&request, Role::Viewer)?;
         let r = request.into_inner();
         let limit = if r.limit == 0 {
             1000
@@ -217,6 +215,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.auth.check(&request, Role::Viewer)?;
         let r = request.into_inner();
         // Subscribe before reading history, so nothing falls between the two.
         let mut live = self.inbox.subscribe();
@@ -279,6 +278,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::ListIncidentsRequest>,
     ) -> Result<Response<v1::ListIncidentsResponse>, Status> {
+        self.auth.check(&request, Role::Viewer)?;
         let all = request.into_inner().all;
         let incidents = self
             .ask(|reply| core_::Request::Incidents { all, reply })
@@ -290,7 +290,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::AckIncidentRequest>,
     ) -> Result<Response<v1::Incident>, Status> {
-        let caller = caller(&request);
+        let caller = self.auth.check(&request, Role::Operator)?;
         let r = request.into_inner();
         let (id, acked) = (r.id, !r.undo);
         if id == 0 {
@@ -311,7 +311,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::ResolveIncidentRequest>,
     ) -> Result<Response<v1::Incident>, Status> {
-        let caller = caller(&request);
+        let caller = self.auth.check(&request, Role::Operator)?;
         let id = request.into_inner().id;
         if id == 0 {
             return Err(Status::invalid_argument("id is required"));
@@ -328,6 +328,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::TailLogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
+        self.auth.check(&request, Role::Viewer)?;
         let r = request.into_inner();
         check_task_name("task", &r.task)?;
         let stream = match r.stream.as_str() {

@@ -19,13 +19,15 @@ const OUTBOUND_BUFFER: usize = 4096;
 
 pub struct NodeSessions {
     core: CoreHandle,
+    auth: Arc<crate::auth::Auth>,
     next_id: Arc<AtomicU64>,
 }
 
 impl NodeSessions {
-    pub fn new(core: CoreHandle) -> Self {
+    pub fn new(core: CoreHandle, auth: Arc<crate::auth::Auth>) -> Self {
         NodeSessions {
             core,
+            auth,
             next_id: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -41,6 +43,7 @@ impl NodeService for NodeSessions {
         &self,
         request: Request<Streaming<v1::NodeMessage>>,
     ) -> Result<Response<Outbound>, Status> {
+        self.auth.check(&request, crate::auth::Role::Node)?;
         let mut inbound = request.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(v1::NodeMessage {
