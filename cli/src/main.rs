@@ -119,6 +119,32 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Send a signal to a task's running process group: muster signal TASK USR1
+    Signal {
+        task: String,
+        /// A name (TERM, HUP, USR1, ...) or a number.
+        signal: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Place no new task on a node.
+    Cordon {
+        node: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let tasks be placed on a cordoned node again.
+    Uncordon {
+        node: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cordon a node and move its tasks elsewhere.
+    Drain {
+        node: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Read the inbox: every event the controller recorded.
     Inbox {
         /// Keep printing new events.
@@ -359,6 +385,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 labels: pairs("--label", &labels)?,
                 parent: parent.unwrap_or_default(),
                 root: root.unwrap_or_default(),
+                ..Default::default()
             };
             let tasks = connect()
                 .await?
@@ -525,6 +552,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_incident(&incident, json);
             Ok(())
         }
+        Cmd::Signal { task, signal, json } => {
+            let task = connect()
+                .await?
+                .signal_task(v1::SignalTaskRequest { name: task, signal })
+                .await?
+                .into_inner();
+            print_task_result(&task, json, "signal");
+            Ok(())
+        }
+        Cmd::Cordon { node, json } => node_verb(connect().await?, node, json, "cordon").await,
+        Cmd::Uncordon { node, json } => node_verb(connect().await?, node, json, "uncordon").await,
+        Cmd::Drain { node, json } => node_verb(connect().await?, node, json, "drain").await,
         Cmd::Token(TokenCmd::New { name, role }) => {
             if !["viewer", "operator", "admin", "node"].contains(&role.as_str()) {
                 return Err(Failure::usage(format!(
@@ -554,6 +593,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             signal,
         }) => rules::check(&file, line.as_deref(), exit_code, signal),
     }
+}
+
+async fn node_verb(
+    mut client: client::Client,
+    name: String,
+    json: bool,
+    verb: &str,
+) -> Result<(), Failure> {
+    let node = match verb {
+        "drain" => client.drain_node(v1::DrainNodeRequest { name }).await?,
+        "uncordon" => {
+            client
+                .cordon_node(v1::CordonNodeRequest { name, undo: true })
+                .await?
+        }
+        _ => {
+            client
+                .cordon_node(v1::CordonNodeRequest { name, undo: false })
+                .await?
+        }
+    }
+    .into_inner();
+    if json {
+        print_json(&output::node_json(&node));
+    } else {
+        println!(
+            "node {}: {verb} done; state now {} with {} tasks",
+            node.name, node.state, node.tasks
+        );
+    }
+    Ok(())
 }
 
 fn print_incident(incident: &v1::Incident, json: bool) {

@@ -121,6 +121,8 @@ enum Check {
     Heartbeat,
     Progress,
     Reschedule,
+    /// Write the latest report of a task whose reports were skipped by sampling.
+    Sample,
 }
 
 /// What one batch produced, released only after it is durable.
@@ -139,6 +141,7 @@ struct Batch {
     groups: Vec<Group>,
     deliveries: Vec<Delivery>,
     notices: Vec<crate::alert::Notice>,
+    cordons: Vec<(String, bool)>,
 }
 
 pub struct Core {
@@ -249,6 +252,12 @@ impl Core {
             );
             core.incidents.insert(incident.id, incident);
         }
+        for name in core.store.cordoned()? {
+            core.nodes
+                .entry(name.clone())
+                .or_insert_with(|| NodeRecord::restored(name))
+                .cordoned = true;
+        }
         // Nodes that held tasks get one node_timeout to reconnect before their tasks are
         // treated as lost.
         let names: Vec<String> = core
@@ -260,21 +269,7 @@ impl Core {
         for name in names {
             core.nodes
                 .entry(name.clone())
-                .or_insert_with(|| NodeRecord {
-                    name,
-                    state: crate::model::NodeState::Suspect,
-                    capacity: v1::Capacity::default(),
-                    used: v1::Capacity::default(),
-                    labels: HashMap::new(),
-                    version: String::new(),
-                    memory: Default::default(),
-                    last_seen: Instant::now(),
-                    last_seen_ms: now_ms(),
-                    session: None,
-                    tasks: HashSet::new(),
-                    returns: Default::default(),
-                    damped_until: None,
-                });
+                .or_insert_with(|| NodeRecord::restored(name));
         }
         let held: Vec<(String, String)> = core
             .tasks
@@ -397,6 +392,7 @@ impl Core {
             groups: batch.groups,
             deliveries: batch.deliveries,
             events: &batch.events,
+            cordons: batch.cordons,
         };
         // The events are durable in the database with the state they explain, then in the
         // inbox; a crash between the two is mended at start from the database.
@@ -520,5 +516,64 @@ impl Core {
         if !self.pending.is_empty() {
             self.batch.place = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Severity;
+
+    #[test]
+    fn events_committed_but_not_appended_are_mended_into_the_inbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Arc::new(Inbox::open(&dir.path().join("inbox"), 1 << 20).unwrap());
+        let mut store = Store::open(&dir.path().join("state.db")).unwrap();
+        let mut first = vec![Event::new("task.submitted", Severity::Info, "a")];
+        inbox.number(&mut first);
+        inbox.append(&first).unwrap();
+        // A crash after the database commit of the next batch, before its inbox append.
+        let mut lost = vec![
+            Event::new("task.placed", Severity::Info, "b"),
+            Event::new("attempt.started", Severity::Info, "c"),
+        ];
+        inbox.number(&mut lost);
+        let changes = Changes {
+            tasks: vec![],
+            attempts: vec![],
+            incidents: vec![],
+            nodes: vec![],
+            meta: vec![],
+            groups: vec![],
+            deliveries: vec![],
+            events: &lost,
+            cordons: vec![],
+        };
+        store.commit(&changes).unwrap();
+        drop(inbox);
+
+        let inbox = Arc::new(Inbox::open(&dir.path().join("inbox"), 1 << 20).unwrap());
+        let _core = Core::open(
+            CoreConfig::default(),
+            crate::config::Alerts::default(),
+            store,
+            inbox.clone(),
+        )
+        .unwrap();
+
+        let kinds: Vec<(u64, String)> = inbox
+            .read(0, 10, |_| true)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.seq, e.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, "task.submitted".into()),
+                (2, "task.placed".into()),
+                (3, "attempt.started".into())
+            ]
+        );
     }
 }

@@ -129,6 +129,8 @@ pub struct Live {
     pub progress_scheduled: bool,
     /// Last report written to the inbox, for sampling.
     pub sampled_at: Option<Instant>,
+    /// A report arrived since the last sampled one and is not in the inbox yet.
+    pub unsampled: bool,
     /// When the node of the attempt was lost.
     pub lost_at: Option<Instant>,
     /// A pending task is not placed before this.
@@ -170,6 +172,7 @@ impl TaskRecord {
                 heartbeat_scheduled: false,
                 progress_scheduled: false,
                 sampled_at: None,
+                unsampled: false,
                 lost_at: None,
                 not_before: None,
                 log_tail: Vec::new(),
@@ -259,13 +262,40 @@ pub struct NodeRecord {
     pub returns: std::collections::VecDeque<Instant>,
     /// A flapping node takes no new task before this.
     pub damped_until: Option<Instant>,
+    /// An operator said: place nothing more here.
+    pub cordoned: bool,
 }
 
 impl NodeRecord {
+    /// A node known from the store, not yet heard from by this controller process: it has
+    /// one node_timeout to reconnect.
+    pub fn restored(name: String) -> NodeRecord {
+        NodeRecord {
+            name,
+            state: NodeState::Suspect,
+            capacity: v1::Capacity::default(),
+            used: v1::Capacity::default(),
+            labels: HashMap::new(),
+            version: String::new(),
+            memory: NodeMemory::default(),
+            last_seen: Instant::now(),
+            last_seen_ms: now_ms(),
+            session: None,
+            tasks: HashSet::new(),
+            returns: Default::default(),
+            damped_until: None,
+            cordoned: false,
+        }
+    }
+
     pub fn to_proto(&self) -> v1::Node {
         v1::Node {
             name: self.name.clone(),
-            state: self.state.as_str().to_string(),
+            state: if self.cordoned && self.state == NodeState::Ready {
+                "cordoned".into()
+            } else {
+                self.state.as_str().to_string()
+            },
             capacity: Some(self.capacity),
             used: Some(self.used),
             labels: self.labels.clone(),
@@ -290,6 +320,7 @@ impl NodeRecord {
         self.state == NodeState::Ready
             && self.session.is_some()
             && self.damped_until.is_none_or(|t| t <= Instant::now())
+            && !self.cordoned
             && labels_match
             && self.free_slots() >= task.slots()
             && self.capacity.gpus.saturating_sub(self.used.gpus) >= res.gpus

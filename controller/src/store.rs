@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     opened_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, resolved_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, instance TEXT NOT NULL, acked_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS node_flags (name TEXT PRIMARY KEY, cordoned INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, line TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alert_groups (id INTEGER PRIMARY KEY, state TEXT NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alert_deliveries (
@@ -56,6 +57,7 @@ pub struct Changes<'a> {
     pub groups: Vec<Group>,
     pub deliveries: Vec<Delivery>,
     pub events: &'a [crate::event::Event],
+    pub cordons: Vec<(String, bool)>,
 }
 
 impl Changes<'_> {
@@ -68,6 +70,7 @@ impl Changes<'_> {
             && self.groups.is_empty()
             && self.deliveries.is_empty()
             && self.events.is_empty()
+            && self.cordons.is_empty()
     }
 }
 
@@ -288,6 +291,29 @@ impl Store {
                 let notice = serde_json::to_string(&d.notice).expect("notices serialize");
                 put_delivery.execute(params![d.id as i64, d.state, d.attempts, d.error, notice])?;
             }
+            let mut put_event =
+                tx.prepare_cached("INSERT OR REPLACE INTO events VALUES (?1, ?2)")?;
+            for e in changes.events {
+                put_event.execute(params![
+                    e.seq as i64,
+                    serde_json::to_string(e).expect("events serialize")
+                ])?;
+            }
+            if let Some(last) = changes.events.last() {
+                // The inbox is the record; the table only bridges a crash between the two
+                // writes, so it keeps a recent window.
+                if last.seq % 1024 < changes.events.len() as u64 {
+                    tx.execute(
+                        "DELETE FROM events WHERE seq < ?1",
+                        [last.seq.saturating_sub(100_000) as i64],
+                    )?;
+                }
+            }
+            let mut put_cordon =
+                tx.prepare_cached("INSERT OR REPLACE INTO node_flags VALUES (?1, ?2)")?;
+            for (name, cordoned) in &changes.cordons {
+                put_cordon.execute(params![name, *cordoned as i64])?;
+            }
             let mut put_meta = tx.prepare_cached("INSERT OR REPLACE INTO meta VALUES (?1, ?2)")?;
             for (key, value) in &changes.meta {
                 put_meta.execute(params![key, value])?;
@@ -295,6 +321,17 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Nodes an operator cordoned.
+    pub fn cordoned(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM node_flags WHERE cordoned = 1")?;
+        let names = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(names)
     }
 
     /// Events committed after `seq`, to mend an inbox that missed them in a crash.

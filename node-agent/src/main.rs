@@ -101,7 +101,8 @@ fn main() -> ExitCode {
     let config = Config {
         controller: args.controller,
         name: args.name,
-        data_dir: args.data_dir,
+        // Children run in other directories: every path handed to them must be absolute.
+        data_dir: std::path::absolute(&args.data_dir).unwrap_or(args.data_dir),
         capacity: Capacity {
             slots: args.slots.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
@@ -110,7 +111,9 @@ fn main() -> ExitCode {
             memory_mb: args.memory_mb.unwrap_or_else(total_memory_mb),
         },
         labels: args.labels,
-        task_data_root: args.task_data_dir,
+        task_data_root: args
+            .task_data_dir
+            .map(|d| std::path::absolute(&d).unwrap_or(d)),
         token: args.token,
         log_limits: LogLimits {
             max_file_bytes: args.log_max_bytes.max(4096),

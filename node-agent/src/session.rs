@@ -184,6 +184,9 @@ impl Session {
                         Ok(())
                     }
                     Some(Action::Restart(restart)) => self.supervisor.restart(restart),
+                    Some(Action::Signal(signal)) => {
+                        self.supervisor.signal(&signal.task, signal.signal)
+                    }
                     Some(Action::Hold(hold)) => {
                         self.supervisor.hold(hold);
                         Ok(())

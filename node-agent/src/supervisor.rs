@@ -267,6 +267,21 @@ impl Supervisor {
             .map_err(|_| format!("task {} is ending", cmd.task))
     }
 
+    /// Sends a signal to the running attempt's process group.
+    pub fn signal(&self, task: &str, signal: i32) -> Result<(), String> {
+        let tasks = self.tasks.lock().expect("task table poisoned");
+        let pid = tasks
+            .get(task)
+            .map(|h| h.status.lock().expect("run status poisoned").pid)
+            .filter(|&p| p > 0);
+        let pid = pid.ok_or_else(|| format!("task {task} has no running process here"))?;
+        let signal = nix::sys::signal::Signal::try_from(signal)
+            .map_err(|e| format!("signal {signal}: {e}"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(-(pid as i32)), signal)
+            .or_else(|_| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal))
+            .map_err(|e| format!("signalling {task}: {e}"))
+    }
+
     pub fn hold(&self, cmd: HoldTask) {
         let tasks = self.tasks.lock().expect("task table poisoned");
         if let Some(handle) = tasks.get(&cmd.task) {

@@ -6,7 +6,7 @@ use tokio::sync::oneshot;
 use muster_proto::v1;
 
 use super::Core;
-use crate::event::{now_ms, Severity};
+use crate::event::{now_ms, Event, Severity};
 use crate::model::{TaskRecord, TaskState};
 
 /// Why a request failed.
@@ -41,7 +41,7 @@ pub enum Request {
     },
     List {
         filter: v1::ListTasksRequest,
-        reply: Reply<Vec<v1::Task>>,
+        reply: Reply<(Vec<v1::Task>, String)>,
     },
     Stop {
         name: String,
@@ -74,6 +74,19 @@ pub enum Request {
     Log {
         request: v1::LogRequest,
         reply: Reply<v1::LogChunk>,
+    },
+    Signal {
+        name: String,
+        signal: i32,
+        caller: String,
+        reply: Reply<v1::Task>,
+    },
+    Cordon {
+        node: String,
+        cordon: bool,
+        drain: bool,
+        caller: String,
+        reply: Reply<v1::Node>,
     },
     /// The Prometheus text of the controller's metrics.
     Metrics {
@@ -146,6 +159,25 @@ impl Core {
                 self.reply(reply, result);
             }
             Request::Log { request, reply } => self.log(request, reply),
+            Request::Signal {
+                name,
+                signal,
+                caller,
+                reply,
+            } => {
+                let result = self.signal(&name, signal, &caller);
+                self.reply(reply, result);
+            }
+            Request::Cordon {
+                node,
+                cordon,
+                drain,
+                caller,
+                reply,
+            } => {
+                let result = self.cordon(&node, cordon, drain, &caller);
+                self.reply(reply, result);
+            }
             Request::Metrics { reply } => {
                 let _ = reply.send(Ok(self.render_metrics()));
             }
@@ -210,8 +242,14 @@ impl Core {
         Ok(proto)
     }
 
-    fn list(&self, filter: &v1::ListTasksRequest) -> Vec<v1::Task> {
-        let mut out: Vec<v1::Task> = self
+    /// Tasks matching the filter, oldest first; with a page size, one page after the token
+    /// ("created_ms:name" of the last task of the previous page).
+    fn list(&self, filter: &v1::ListTasksRequest) -> (Vec<v1::Task>, String) {
+        let after = filter
+            .page_token
+            .split_once(':')
+            .and_then(|(ms, name)| Some((ms.parse::<i64>().ok()?, name.to_string())));
+        let mut out: Vec<&TaskRecord> = self
             .tasks
             .values()
             .filter(|t| filter.state.is_empty() || t.state.as_str() == filter.state)
@@ -224,17 +262,20 @@ impl Core {
                     .iter()
                     .all(|(k, v)| t.spec.labels.get(k) == Some(v))
             })
-            .map(TaskRecord::to_proto)
-            .collect();
-        out.sort_by(|a, b| {
-            a.created_ms.cmp(&b.created_ms).then_with(|| {
-                a.spec
+            .filter(|t| {
+                after
                     .as_ref()
-                    .map(|s| &s.name)
-                    .cmp(&b.spec.as_ref().map(|s| &s.name))
+                    .is_none_or(|(ms, name)| (t.created_ms, t.name()) > (*ms, name.as_str()))
             })
-        });
-        out
+            .collect();
+        out.sort_by(|a, b| (a.created_ms, a.name()).cmp(&(b.created_ms, b.name())));
+        let mut next = String::new();
+        if filter.page_size > 0 && out.len() > filter.page_size as usize {
+            out.truncate(filter.page_size as usize);
+            let last = out.last().expect("a non-empty page");
+            next = format!("{}:{}", last.created_ms, last.name());
+        }
+        (out.into_iter().map(TaskRecord::to_proto).collect(), next)
     }
 
     fn operator_action(&mut self, caller: &str, action: &str, task: &str) {
@@ -302,6 +343,72 @@ impl Core {
             self.batch.place = true;
         }
         Ok(self.tasks[name].to_proto())
+    }
+
+    fn signal(&mut self, name: &str, signal: i32, caller: &str) -> Result<v1::Task, ApiError> {
+        let task = self.tasks.get(name).ok_or_else(|| not_found(name))?;
+        if !task.state.holds_node() || task.live.current.as_ref().is_none_or(|a| a.pid == 0) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "task {name} has no running process (state {})",
+                task.state.as_str()
+            )));
+        }
+        let node = task.node.clone();
+        self.operator_action(caller, &format!("signal {signal}"), name);
+        let action = v1::command::Action::Signal(v1::SignalTask {
+            task: name.to_string(),
+            signal,
+        });
+        if !self.command(&node, action) {
+            return Err(ApiError::Unavailable(format!(
+                "node {node} of task {name} is not connected"
+            )));
+        }
+        Ok(self.tasks[name].to_proto())
+    }
+
+    /// Cordons (or uncordons) a node; a drain also moves its tasks elsewhere.
+    fn cordon(
+        &mut self,
+        node: &str,
+        cordon: bool,
+        drain: bool,
+        caller: &str,
+    ) -> Result<v1::Node, ApiError> {
+        let record = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| ApiError::NotFound(format!("node {node} not found")))?;
+        record.cordoned = cordon;
+        let tasks: Vec<String> = if drain {
+            record.tasks.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        self.batch.cordons.push((node.to_string(), cordon));
+        let action = match (cordon, drain) {
+            (_, true) => "drain",
+            (true, false) => "cordon",
+            (false, false) => "uncordon",
+        };
+        let message = format!("{caller}: {action} node {node}");
+        self.emit(
+            Event::new("operator.action", Severity::Info, message)
+                .node(node)
+                .with("action", action)
+                .with("caller", caller)
+                .with("tasks", tasks.len()),
+        );
+        for task in tasks {
+            if self
+                .tasks
+                .get(&task)
+                .is_some_and(|t| t.state.holds_node() && t.state != TaskState::Stopping)
+            {
+                self.request_stop(&task, "node_drain");
+            }
+        }
+        Ok(self.nodes[node].to_proto())
     }
 
     fn log(&mut self, mut request: v1::LogRequest, reply: Reply<v1::LogChunk>) {

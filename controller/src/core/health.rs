@@ -49,6 +49,7 @@ impl Core {
                 Check::Heartbeat => self.check_heartbeat(&name, now),
                 Check::Progress => self.check_progress(&name, now),
                 Check::Reschedule => self.check_reschedule(&name),
+                Check::Sample => self.write_latest_report(&name),
             }
         }
     }
@@ -163,6 +164,28 @@ impl Core {
             .with("action", "escalate");
         self.emit(event);
         self.open_incident(name, "", "progress_stalled", Severity::Warning, &message);
+    }
+
+    fn write_latest_report(&mut self, name: &str) {
+        let Some(task) = self.tasks.get_mut(name) else {
+            return;
+        };
+        if !task.live.unsampled || !task.state.holds_node() {
+            return;
+        }
+        task.live.unsampled = false;
+        task.live.sampled_at = Some(Instant::now());
+        let (message, state, metrics) = (
+            task.message.clone(),
+            task.report_state.clone(),
+            crate::event::metrics_json(&task.metrics),
+        );
+        let event = self
+            .task_event(name, "task.report", Severity::Info, message)
+            .with("state", state)
+            .with("metrics", metrics)
+            .with("latest", true);
+        self.emit(event);
     }
 
     fn check_reschedule(&mut self, name: &str) {

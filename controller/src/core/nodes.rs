@@ -52,6 +52,7 @@ impl Core {
                 tasks: HashSet::new(),
                 returns: Default::default(),
                 damped_until: None,
+                cordoned: false,
             });
         let was_lost = node.state == NodeState::Lost;
         if was_lost {

@@ -344,7 +344,13 @@ impl Core {
             reason
                 if !matches!(
                     reason,
-                    "operator" | "shutdown" | "fenced" | "node_shutdown" | "lease_expired" | ""
+                    "operator"
+                        | "shutdown"
+                        | "fenced"
+                        | "node_shutdown"
+                        | "lease_expired"
+                        | "node_drain"
+                        | ""
                 ) =>
             {
                 let message = format!("stopped for {reason}");
@@ -354,7 +360,7 @@ impl Core {
                     .with("reason", reason.to_string());
                 self.emit(event);
             }
-            "node_shutdown" | "lease_expired" => {
+            "node_shutdown" | "lease_expired" | "node_drain" => {
                 // The node is going away; place the task again elsewhere, after a tick, so
                 // that nodes shutting down at the same moment have said they are draining.
                 self.release(name, TaskState::Pending, "node_shutdown");
@@ -465,11 +471,20 @@ impl Core {
             .live
             .sampled_at
             .is_none_or(|t| now.duration_since(t) >= sample);
+        let mut sample_later = None;
         if state_changed || due {
             task.live.sampled_at = Some(now);
+            task.live.unsampled = false;
+        } else if !task.live.unsampled {
+            // Skipped for now; the latest report still lands once the interval is over.
+            task.live.unsampled = true;
+            sample_later = task.live.sampled_at.map(|t| t + sample);
         }
         let nan = non_finite(&task.rules.health.nan_metrics, &report.metrics);
         self.touch(name);
+        if let Some(at) = sample_later {
+            self.schedule(at, super::Check::Sample, name);
+        }
 
         if state_changed || due {
             let data_metrics = metrics_json(&report.metrics);

@@ -60,6 +60,36 @@ fn status(e: ApiError) -> Status {
     }
 }
 
+fn check_node_name(name: &str) -> Result<(), Status> {
+    spec::check_name(name).map_err(|p| Status::invalid_argument(format!("name {p}")))
+}
+
+/// A signal by name ("TERM", "SIGUSR1") or number.
+fn parse_signal(s: &str) -> Option<i32> {
+    let s = s.trim().to_ascii_uppercase();
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let name = s.strip_prefix("SIG").unwrap_or(&s);
+    let number = match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ABRT" => 6,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "ALRM" => 14,
+        "TERM" => 15,
+        "CONT" => 18,
+        "STOP" => 19,
+        "TSTP" => 20,
+        "WINCH" => 28,
+        _ => return None,
+    };
+    Some(number)
+}
+
 fn check_task_name(field: &str, name: &str) -> Result<(), Status> {
     spec::check_name(name).map_err(|p| Status::invalid_argument(format!("{field} {p}")))
 }
@@ -136,10 +166,13 @@ impl FleetService for Fleet {
                 filter.state
             )));
         }
-        let tasks = self
+        let (tasks, next_page_token) = self
             .ask(|reply| core_::Request::List { filter, reply })
             .await?;
-        Ok(Response::new(v1::ListTasksResponse { tasks }))
+        Ok(Response::new(v1::ListTasksResponse {
+            tasks,
+            next_page_token,
+        }))
     }
 
     async fn stop_task(
@@ -320,6 +353,70 @@ impl FleetService for Fleet {
             .ask(|reply| core_::Request::Resolve { id, caller, reply })
             .await?;
         Ok(Response::new(incident))
+    }
+
+    async fn signal_task(
+        &self,
+        request: Request<v1::SignalTaskRequest>,
+    ) -> Result<Response<v1::Task>, Status> {
+        let caller = self.auth.check(&request, Role::Operator)?;
+        let r = request.into_inner();
+        check_task_name("name", &r.name)?;
+        let signal = parse_signal(&r.signal).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "signal {:?} is not a signal name (TERM, HUP, USR1, ...) or number 1-64",
+                r.signal
+            ))
+        })?;
+        let name = r.name;
+        let task = self
+            .ask(|reply| core_::Request::Signal {
+                name,
+                signal,
+                caller,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(task))
+    }
+
+    async fn cordon_node(
+        &self,
+        request: Request<v1::CordonNodeRequest>,
+    ) -> Result<Response<v1::Node>, Status> {
+        let caller = self.auth.check(&request, Role::Admin)?;
+        let r = request.into_inner();
+        check_node_name(&r.name)?;
+        let (node, cordon) = (r.name, !r.undo);
+        let node = self
+            .ask(|reply| core_::Request::Cordon {
+                node,
+                cordon,
+                drain: false,
+                caller,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(node))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<v1::DrainNodeRequest>,
+    ) -> Result<Response<v1::Node>, Status> {
+        let caller = self.auth.check(&request, Role::Admin)?;
+        let node = request.into_inner().name;
+        check_node_name(&node)?;
+        let node = self
+            .ask(|reply| core_::Request::Cordon {
+                node,
+                cordon: true,
+                drain: true,
+                caller,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(node))
     }
 
     type TailLogsStream = LogStream;
