@@ -82,6 +82,9 @@ enum Cmd {
         root: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Redraw every 2 seconds until Ctrl-C.
+        #[arg(long, short)]
+        watch: bool,
     },
     /// Show one task with its attempts.
     Show {
@@ -93,6 +96,9 @@ enum Cmd {
     Nodes {
         #[arg(long)]
         json: bool,
+        /// Redraw every 2 seconds until Ctrl-C.
+        #[arg(long, short)]
+        watch: bool,
     },
     /// Print a task's output.
     Logs {
@@ -188,6 +194,8 @@ enum Cmd {
     /// Health rules.
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// Print a shell completion script: muster completions bash > /etc/bash_completion.d/muster
+    Completions { shell: clap_complete::Shell },
     /// API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -378,6 +386,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             parent,
             root,
             json,
+            watch,
         } => {
             let filter = v1::ListTasksRequest {
                 state: state.unwrap_or_default(),
@@ -387,20 +396,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 root: root.unwrap_or_default(),
                 ..Default::default()
             };
-            let tasks = connect()
-                .await?
-                .list_tasks(filter)
-                .await?
-                .into_inner()
-                .tasks;
-            if json {
-                print_json(&serde_json::Value::Array(
-                    tasks.iter().map(output::task_json).collect(),
-                ));
-            } else {
-                print!("{}", output::tasks_table(&tasks, 200));
-            }
-            Ok(())
+            let client = connect().await?;
+            repeat(watch, || {
+                let (mut client, filter) = (client.clone(), filter.clone());
+                async move {
+                    let tasks = client.list_tasks(filter).await?.into_inner().tasks;
+                    Ok(if json {
+                        serde_json::to_string_pretty(&serde_json::Value::Array(
+                            tasks.iter().map(output::task_json).collect(),
+                        ))
+                        .expect("JSON values serialize")
+                            + "\n"
+                    } else {
+                        output::tasks_table(&tasks, terminal_width())
+                    })
+                }
+            })
+            .await
         }
         Cmd::Show { task, json } => {
             let task = connect()
@@ -415,21 +427,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Nodes { json } => {
-            let nodes = connect()
-                .await?
-                .list_nodes(v1::ListNodesRequest {})
-                .await?
-                .into_inner()
-                .nodes;
-            if json {
-                print_json(&serde_json::Value::Array(
-                    nodes.iter().map(output::node_json).collect(),
-                ));
-            } else {
-                print!("{}", output::nodes_table(&nodes));
-            }
-            Ok(())
+        Cmd::Nodes { json, watch } => {
+            let client = connect().await?;
+            repeat(watch, || {
+                let mut client = client.clone();
+                async move {
+                    let nodes = client
+                        .list_nodes(v1::ListNodesRequest {})
+                        .await?
+                        .into_inner()
+                        .nodes;
+                    Ok(if json {
+                        serde_json::to_string_pretty(&serde_json::Value::Array(
+                            nodes.iter().map(output::node_json).collect(),
+                        ))
+                        .expect("JSON values serialize")
+                            + "\n"
+                    } else {
+                        output::nodes_table(&nodes)
+                    })
+                }
+            })
+            .await
         }
         Cmd::Logs {
             task,
@@ -564,6 +583,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Cordon { node, json } => node_verb(connect().await?, node, json, "cordon").await,
         Cmd::Uncordon { node, json } => node_verb(connect().await?, node, json, "uncordon").await,
         Cmd::Drain { node, json } => node_verb(connect().await?, node, json, "drain").await,
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "muster",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Cmd::Token(TokenCmd::New { name, role }) => {
             if !["viewer", "operator", "admin", "node"].contains(&role.as_str()) {
                 return Err(Failure::usage(format!(
@@ -624,6 +652,40 @@ async fn node_verb(
         );
     }
     Ok(())
+}
+
+/// Prints what `render` returns once, or (with `watch`) every 2 seconds until Ctrl-C,
+/// redrawing in place on a terminal.
+async fn repeat<F, Fut>(watch: bool, render: F) -> Result<(), Failure>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<String, Failure>>,
+{
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let text = render().await?;
+        let mut stdout = std::io::stdout();
+        if watch && tty {
+            let _ = write!(stdout, "\x1b[H\x1b[2J");
+        }
+        let _ = stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush());
+        if !watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn terminal_width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(200)
 }
 
 fn print_incident(incident: &v1::Incident, json: bool) {

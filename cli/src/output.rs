@@ -241,11 +241,51 @@ pub fn tasks_table(tasks: &[v1::Task], width: usize) -> String {
         ],
         &rows,
     );
+    // The state column starts after the widest name and two spaces.
+    let state_at = rows
+        .iter()
+        .map(|r| r[0].chars().count())
+        .chain(std::iter::once(4))
+        .max()
+        .unwrap_or(4)
+        + 2;
+    let color = use_color();
     text.lines()
-        .map(|l| cut(l, width))
+        .enumerate()
+        .map(|(i, line)| {
+            let line = cut(line, width);
+            match (color, i.checked_sub(1).and_then(|r| rows.get(r))) {
+                (true, Some(row)) => paint_state(&line, state_at, &row[1]),
+                _ => line,
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
+}
+
+/// Colour only on a terminal, and never with NO_COLOR set.
+pub fn use_color() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn paint_state(line: &str, at: usize, state: &str) -> String {
+    let code = match state {
+        "running" | "succeeded" => "32",
+        "failed" | "crash_loop" => "31",
+        "needs_help" => "35",
+        "backoff" | "stalled" | "blocked" | "stopping" | "pending" | "starting" => "33",
+        _ => return line.to_string(),
+    };
+    let start: usize = line.char_indices().nth(at).map_or(line.len(), |(b, _)| b);
+    match line.get(start..).filter(|rest| rest.starts_with(state)) {
+        Some(_) => format!(
+            "{}\x1b[{code}m{state}\x1b[0m{}",
+            &line[..start],
+            &line[start + state.len()..]
+        ),
+        None => line.to_string(),
+    }
 }
 
 pub fn nodes_table(nodes: &[v1::Node]) -> String {
