@@ -282,6 +282,10 @@ impl Agent {
             tracing::warn!("some tasks did not stop in time");
         }
         self.ctx.keeper.retire();
+        // The keeper leaves once its last child is gone; wait for it, so that nothing of the
+        // node outlives the agent's clean exit.
+        let mut gone = self.ctx.keeper.gone.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(3), gone.wait_for(|g| *g)).await;
         // Give the session a moment to deliver the tasks' ends before it closes.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while !self.ctx.outbox.is_empty() && tokio::time::Instant::now() < deadline {

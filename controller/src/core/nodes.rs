@@ -333,6 +333,9 @@ impl Core {
         let timeout = self.cfg.node_timeout;
         let mut silent_nodes = Vec::new();
         let mut alive = 0;
+        // Nodes that went quiet at the same moment cross the timeout a tick apart: count
+        // every node already suspect, not only the ones crossing now.
+        let mut quiet = 0;
         for node in self.nodes.values_mut() {
             let silent = now.duration_since(node.last_seen);
             match node.state {
@@ -347,8 +350,11 @@ impl Core {
             if node.state != NodeState::Lost {
                 alive += 1;
             }
+            if node.state == NodeState::Suspect {
+                quiet += 1;
+            }
         }
-        self.check_partition(silent_nodes.len(), alive, now);
+        self.check_partition(silent_nodes.len(), quiet, alive, now);
         if self.partition_since.is_some() {
             return;
         }
@@ -402,8 +408,8 @@ impl Core {
     }
 
     /// Opens or clears the controller-connectivity incident.
-    fn check_partition(&mut self, silent: usize, alive: usize, now: Instant) {
-        let most = silent >= 2 && silent * 2 > alive;
+    fn check_partition(&mut self, crossing: usize, silent: usize, alive: usize, now: Instant) {
+        let most = crossing >= 1 && silent >= 2 && silent * 2 > alive;
         match (most, self.partition_since) {
             (true, None) => {
                 self.partition_since = Some(now);

@@ -71,7 +71,7 @@ pub async fn run(data_dir: PathBuf) -> std::io::Result<()> {
                 let (stream, _) = accepted?;
                 tokio::spawn(serve(stream, state.clone()));
             }
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
         let (busy, retiring) = {
             let s = state.lock().expect("keeper state poisoned");
