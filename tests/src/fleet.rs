@@ -13,7 +13,7 @@ use tempfile::TempDir;
 use crate::inbox;
 use crate::process::{
     binary_dir, kill_processes_with_env, poll_until, processes_with_arg_containing,
-    run_with_deadline, signal_pid, wait_child, wait_until,
+    processes_with_env, run_with_deadline, signal_pid, wait_child, wait_until,
 };
 use crate::{CLI_DEADLINE, START_DEADLINE};
 
@@ -42,6 +42,14 @@ impl Default for FleetOptions {
             controller_config: FAST_CONTROLLER.to_string(),
         }
     }
+}
+
+/// A live process started for a task's attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskProcess {
+    pub pid: i32,
+    pub task: String,
+    pub attempt: u64,
 }
 
 struct Agent {
@@ -174,10 +182,16 @@ impl Fleet {
 
     /// Starts a node agent (again) with its usual data dir.
     pub fn start_node_agent(&mut self, name: &str, slots: u32) {
+        let url = self.url.clone();
+        self.start_node_agent_via(name, slots, &url);
+    }
+
+    /// Starts a node agent that reaches the controller at `controller_url` (a proxy).
+    pub fn start_node_agent_via(&mut self, name: &str, slots: u32, controller_url: &str) {
         let mut command = Command::new(self.bins.join("muster-node-agent"));
         command
             .arg("--controller")
-            .arg(&self.url)
+            .arg(controller_url)
             .arg("--name")
             .arg(name)
             .arg("--data-dir")
@@ -240,6 +254,38 @@ impl Fleet {
 
     pub fn controller_pid(&self) -> Option<u32> {
         self.controller.as_ref().map(Child::id)
+    }
+
+    /// The live processes of this fleet that belong to `task` (its child and whatever the
+    /// child started), each with the attempt number it was started for.
+    pub fn task_processes(&self, task: &str) -> Vec<TaskProcess> {
+        self.all_task_processes()
+            .into_iter()
+            .filter(|p| p.task == task)
+            .collect()
+    }
+
+    /// Every live process of this fleet that a node agent started for a task, found by the
+    /// MUSTER_* variables of its environment.
+    pub fn all_task_processes(&self) -> Vec<TaskProcess> {
+        let prefix = format!("{}/", self.root.display());
+        processes_with_env("MUSTER_DATA_DIR", &prefix)
+            .into_iter()
+            .filter_map(|pid| {
+                let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+                let var = |key: &str| {
+                    env.split(|&b| b == 0).find_map(|v| {
+                        v.strip_prefix(format!("{key}=").as_bytes())
+                            .map(|value| String::from_utf8_lossy(value).into_owned())
+                    })
+                };
+                Some(TaskProcess {
+                    pid,
+                    task: var("MUSTER_TASK")?,
+                    attempt: var("MUSTER_ATTEMPT")?.parse().ok()?,
+                })
+            })
+            .collect()
     }
 
     /// Waits until `muster nodes --json` lists `count` nodes, all ready.

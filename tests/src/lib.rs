@@ -7,11 +7,12 @@
 pub mod fleet;
 pub mod inbox;
 pub mod process;
+pub mod proxy;
 pub mod receiver;
 
 use std::time::Duration;
 
-pub use fleet::{Fleet, FleetOptions, FAST_CONTROLLER};
+pub use fleet::{Fleet, FleetOptions, TaskProcess, FAST_CONTROLLER};
 pub use inbox::{attempt_of, is_event, reason, seq_of};
 pub use process::{
     pid_alive, poll_until, processes_with_arg_containing, processes_with_env, wait_until,
