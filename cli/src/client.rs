@@ -135,6 +135,11 @@ async fn connect_with(url: &str, timeout: Option<Duration>) -> Result<Client, Fa
     if let Some(t) = timeout {
         endpoint = endpoint.timeout(t);
     }
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tls_config()?)
+            .map_err(|e| Failure::usage(format!("TLS for {url}: {e}")))?;
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         Failure::failed(format!(
             "cannot reach the controller at {url}: {}",
@@ -146,6 +151,45 @@ async fn connect_with(url: &str, timeout: Option<Duration>) -> Result<Client, Fa
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
     )
+}
+
+/// Where `muster up` keeps its certificates; set once by `main` from `--data-dir`.
+pub static CERTS_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The CA from `$MUSTER_CA` (else the local fleet's), and a client certificate from
+/// `$MUSTER_CERT` and `$MUSTER_KEY` (else the local fleet's operator certificate, if any).
+fn tls_config() -> Result<tonic::transport::ClientTlsConfig, Failure> {
+    let dir = CERTS_DIR
+        .get()
+        .cloned()
+        .unwrap_or_else(|| std::path::PathBuf::from(".muster/certs"));
+    let path = |var: &str, file: &str| {
+        std::env::var_os(var)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| dir.join(file))
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| {
+            Failure::usage(format!(
+                "{}: {e} (set MUSTER_CA, MUSTER_CERT, MUSTER_KEY)",
+                p.display()
+            ))
+        })
+    };
+    let ca = path("MUSTER_CA", "ca.pem");
+    let mut config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(&ca)?));
+    let (cert, key) = (
+        path("MUSTER_CERT", "operator-local.pem"),
+        path("MUSTER_KEY", "operator-local-key.pem"),
+    );
+    if cert.exists() && key.exists() {
+        config = config.identity(tonic::transport::Identity::from_pem(
+            read(&cert)?,
+            read(&key)?,
+        ));
+    }
+    Ok(config)
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

@@ -3,6 +3,7 @@
 // Unsafe code is denied except for the one `pre_exec` in `up`, which says why.
 #![deny(unsafe_code)]
 
+mod certs;
 mod client;
 mod output;
 mod report;
@@ -196,6 +197,9 @@ enum Cmd {
     Rules(RulesCmd),
     /// Print a shell completion script: muster completions bash > /etc/bash_completion.d/muster
     Completions { shell: clap_complete::Shell },
+    /// Development certificates for mTLS.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -209,6 +213,34 @@ enum Cmd {
         /// A metric, key=value (repeatable).
         #[arg(long = "metric")]
         metrics: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Make a development CA (DIR/ca.pem, DIR/ca-key.pem).
+    Init {
+        /// Default: DATA_DIR/certs.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Issue a certificate signed by the CA.
+    #[command(group(clap::ArgGroup::new("subject").required(true).args(["node", "controller", "operator"])))]
+    Issue {
+        /// For a node agent: its identity is node:NAME.
+        #[arg(long)]
+        node: Option<String>,
+        /// For the controller, valid for HOST, localhost and 127.0.0.1.
+        #[arg(long)]
+        controller: Option<String>,
+        /// For an operator: identity ROLE:NAME.
+        #[arg(long)]
+        operator: Option<String>,
+        /// The operator's role: viewer, operator or admin.
+        #[arg(long, default_value = "operator")]
+        role: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -305,6 +337,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let _ = client::CERTS_DIR.set(cli.data_dir.join("certs"));
     let connect = || async {
         client::connect(&client::resolve(cli.controller.as_deref(), &cli.data_dir)?).await
     };
@@ -591,6 +624,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 &mut std::io::stdout(),
             );
             Ok(())
+        }
+        Cmd::Certs(CertsCmd::Init { dir }) => {
+            certs::init(&dir.unwrap_or_else(|| cli.data_dir.join("certs")))
+        }
+        Cmd::Certs(CertsCmd::Issue {
+            node,
+            controller,
+            operator,
+            role,
+            dir,
+        }) => {
+            let dir = dir.unwrap_or_else(|| cli.data_dir.join("certs"));
+            let subject = match (node, controller, operator) {
+                (Some(name), _, _) => {
+                    muster_proto::spec::check_name(&name)
+                        .map_err(|p| Failure::usage(format!("--node {p}")))?;
+                    certs::Subject::Node(name)
+                }
+                (_, Some(host), _) => certs::Subject::Controller(host),
+                (_, _, Some(name)) => {
+                    if !["viewer", "operator", "admin"].contains(&role.as_str()) {
+                        return Err(Failure::usage(format!(
+                            "--role {role:?} is not viewer, operator or admin"
+                        )));
+                    }
+                    certs::Subject::Operator { role, name }
+                }
+                _ => unreachable!("clap requires one subject"),
+            };
+            certs::issue(&dir, subject).map(|_| ())
         }
         Cmd::Token(TokenCmd::New { name, role }) => {
             if !["viewer", "operator", "admin", "node"].contains(&role.as_str()) {

@@ -57,21 +57,43 @@ pub struct Token {
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
     pub tokens: Vec<Token>,
+    /// Client certificates are verified against a CA: a certificate's common name
+    /// `ROLE:NAME` is an identity, and a caller needs a token or a certificate.
+    pub mtls: bool,
+}
+
+/// The common name of the client certificate a TLS peer presented, if any.
+pub fn peer_common_name<T>(request: &Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    let der = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
 }
 
 impl Auth {
     /// The caller's name if the request may do what `need` allows.
     pub fn check<T>(&self, request: &Request<T>, need: Role) -> Result<String, Status> {
-        if self.tokens.is_empty() {
-            return Ok(request.remote_addr().map_or_else(
-                || "anonymous".to_string(),
-                |a| format!("anonymous@{}", a.ip()),
-            ));
+        let header = request.metadata().get("authorization");
+        if header.is_none() || self.tokens.is_empty() {
+            if let Some(cn) = peer_common_name(request).filter(|_| self.mtls) {
+                return check_certificate(&cn, need);
+            }
+            if self.tokens.is_empty() && !self.mtls {
+                return Ok(request.remote_addr().map_or_else(
+                    || "anonymous".to_string(),
+                    |a| format!("anonymous@{}", a.ip()),
+                ));
+            }
         }
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated(
-                "no token: send `authorization: Bearer TOKEN` (muster reads MUSTER_TOKEN)",
-            )
+        let header = header.ok_or_else(|| {
+            Status::unauthenticated("no token and no client certificate: send `authorization: Bearer TOKEN` (muster reads MUSTER_TOKEN) or connect with a certificate")
         })?;
         let token = header
             .to_str()
@@ -108,6 +130,24 @@ impl Auth {
     }
 }
 
+/// A verified client certificate's `ROLE:NAME` as a caller.
+fn check_certificate(cn: &str, need: Role) -> Result<String, Status> {
+    let (role, name) = cn.split_once(':').ok_or_else(|| {
+        Status::permission_denied(format!("certificate {cn:?} names no role (ROLE:NAME)"))
+    })?;
+    let role = Role::parse(role).ok_or_else(|| {
+        Status::permission_denied(format!("certificate {cn:?} names an unknown role"))
+    })?;
+    if !role.allows(need) {
+        return Err(Status::permission_denied(format!(
+            "{name} has role {}; this call needs {}",
+            role.as_str(),
+            need.as_str()
+        )));
+    }
+    Ok(name.to_string())
+}
+
 /// Hex SHA-256 of a token, as the config stores it.
 pub fn hash_hex(token: &str) -> String {
     Sha256::digest(token.as_bytes())
@@ -133,6 +173,7 @@ mod tests {
 
     fn auth() -> Auth {
         Auth {
+            mtls: false,
             tokens: vec![
                 Token {
                     name: "vera".into(),

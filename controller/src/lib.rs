@@ -52,12 +52,27 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("TLS file {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
 
+/// PEM files for TLS: the controller's certificate and key, and the CA that signs client
+/// certificates (nodes, operators).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 pub struct Options {
     pub listen: String,
+    pub tls: Option<TlsFiles>,
     /// Where to serve Prometheus `/metrics` over HTTP (none: not served).
     pub http: Option<String>,
     pub data_dir: PathBuf,
@@ -74,6 +89,8 @@ pub struct Controller {
     alerts: config::Alerts,
     auth: Arc<auth::Auth>,
     http: Option<TcpListener>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls_enabled: bool,
 }
 
 impl Controller {
@@ -119,6 +136,12 @@ impl Controller {
             }
             None => None,
         };
+        let tls = match &options.tls {
+            Some(files) => Some(tls_config(files)?),
+            None => None,
+        };
+        let mut auth = options.settings.auth;
+        auth.mtls = options.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         Ok(Controller {
             listener,
             core,
@@ -126,8 +149,10 @@ impl Controller {
             addr,
             data_dir: options.data_dir,
             alerts: options.settings.alerts,
-            auth: Arc::new(options.settings.auth),
+            auth: Arc::new(auth),
             http,
+            tls_enabled: tls.is_some(),
+            tls,
         })
     }
 
@@ -219,14 +244,22 @@ impl Controller {
                 }
             }));
         }
-        let url = format!("http://{}", self.addr);
+        let url = if self.tls_enabled {
+            format!("https://{}", self.addr)
+        } else {
+            format!("http://{}", self.addr)
+        };
         // `muster` and tests find a controller listening on port 0 through this file.
         let addr_file = self.data_dir.join("controller.addr");
         let _ = std::fs::write(&addr_file, format!("{url}\n"));
         tracing::info!(listen = %self.addr, data_dir = %self.data_dir.display(), "controller serving");
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
@@ -261,4 +294,23 @@ impl Controller {
         tracing::info!("controller stopped");
         Ok(())
     }
+}
+
+fn tls_config(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| StartError::TlsFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &files.client_ca {
+        // Optional: operators may come with a token instead; node sessions and callers
+        // without a token still need a certificate (see `auth`).
+        config = config
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
 }

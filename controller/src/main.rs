@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
-use muster_controller::{config, Controller, Options};
+use muster_controller::{config, Controller, Options, TlsFiles};
 
 #[derive(Debug, Parser)]
 #[command(name = "muster-controller", version, about = "The Muster controller")]
@@ -21,6 +21,17 @@ struct Args {
     /// DATA_DIR/metrics.addr).
     #[arg(long)]
     http: Option<String>,
+    /// The controller's TLS certificate (PEM); with --tls-key, serve TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA of client certificates (nodes, operators): mTLS, identities from certificates.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow plaintext on an address that is not loopback.
+    #[arg(long)]
+    insecure: bool,
     /// Config file (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -46,11 +57,24 @@ fn main() -> ExitCode {
         None => config::Settings::default(),
     };
 
+    let tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca.clone(),
+        }),
+        _ => None,
+    };
+    if tls.is_none() && !args.insecure && !is_loopback(&args.listen) {
+        eprintln!("muster-controller: --listen {} is not loopback: serve TLS (--tls-cert, --tls-key) or pass --insecure", args.listen);
+        return ExitCode::from(2);
+    }
     let runtime = tokio::runtime::Runtime::new().expect("building the tokio runtime");
     runtime.block_on(async move {
         let options = Options {
             listen: args.listen,
             http: args.http,
+            tls,
             data_dir: args.data_dir,
             settings,
         };
@@ -74,6 +98,19 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Plaintext is fine on loopback only.
+fn is_loopback(listen: &str) -> bool {
+    let host = listen
+        .rsplit_once(':')
+        .map_or(listen, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn init_tracing(format: &str) {

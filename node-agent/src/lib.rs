@@ -39,9 +39,22 @@ pub struct Config {
     pub log_limits: LogLimits,
     /// Bearer token for the controller (role `node`), when it requires tokens.
     pub token: Option<String>,
+    /// For an https:// controller: the CA that signed its certificate, and this node's
+    /// certificate and key (its identity, `node:NAME`).
+    pub tls: Option<TlsFiles>,
+    /// Allow a plaintext http:// controller that is not on loopback.
+    pub insecure: bool,
     /// Where `MUSTER_DATA_DIR` of each task lives (`ROOT/<task>`); shared storage here lets a
     /// task resume its checkpoints on another node. Default: inside each task's directory.
     pub task_data_root: Option<PathBuf>,
+}
+
+/// PEM files for mTLS with the controller.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// What every part of the agent shares.
@@ -55,6 +68,7 @@ pub struct Context {
     pub outbox: Arc<Outbox>,
     pub task_data_root: Option<PathBuf>,
     pub token: Option<String>,
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     pub keeper: Arc<keeper::client::Keeper>,
     /// A random id made once per data dir.
     pub data_dir_id: String,
@@ -124,6 +138,12 @@ pub enum ConfigError {
     Name(String),
     #[error("--controller {0:?} is not an http:// or https:// URL")]
     Controller(String),
+    #[error("--controller {0} is plaintext and not on loopback: use https:// with --tls-ca, or pass --insecure")]
+    Plaintext(String),
+    #[error(
+        "--controller {0} is https://: give --tls-ca (the CA of the controller's certificate)"
+    )]
+    NoCa(String),
     #[error("--data-dir {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -141,6 +161,20 @@ impl Config {
         }
         if !(self.controller.starts_with("http://") || self.controller.starts_with("https://")) {
             errors.push(ConfigError::Controller(self.controller.clone()));
+        }
+        if let Some(host) = self.controller.strip_prefix("http://") {
+            let host = host.split(['/', ':']).next().unwrap_or_default();
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+                || host.starts_with('[');
+            if !loopback && !self.insecure {
+                errors.push(ConfigError::Plaintext(self.controller.clone()));
+            }
+        }
+        if self.controller.starts_with("https://") && self.tls.is_none() {
+            errors.push(ConfigError::NoCa(self.controller.clone()));
         }
         if let Err(source) = std::fs::create_dir_all(self.data_dir.join("tasks")) {
             errors.push(ConfigError::DataDir {
@@ -184,6 +218,17 @@ impl Agent {
     /// report their real exit.
     pub async fn start(config: Config) -> Result<Agent, keeper::client::KeeperError> {
         let instance = format!("{:016x}", rand::random::<u64>());
+        let tls = match &config.tls {
+            Some(files) => {
+                Some(
+                    client_tls(files).map_err(|e| keeper::client::KeeperError::Start {
+                        exe: files.ca.clone(),
+                        source: e,
+                    })?,
+                )
+            }
+            None => None,
+        };
         let keeper = Arc::new(keeper::client::Keeper::connect_or_start(&config.data_dir).await?);
         let data_dir_id = data_dir_id(&config.data_dir);
         let ctx = Arc::new(Context {
@@ -196,6 +241,7 @@ impl Agent {
             outbox: Arc::new(Outbox::new()),
             task_data_root: config.task_data_root,
             token: config.token,
+            tls,
             keeper,
             data_dir_id,
             // Until a Welcome says otherwise: the controller's default lease.
@@ -353,4 +399,18 @@ fn metrics(ctx: &Context, supervisor: &Supervisor) -> String {
         )
         .with(&[], ctx.silent_for().as_secs_f64()),
     ])
+}
+
+/// The client side of mTLS: trust the controller's CA, present this node's certificate.
+fn client_tls(files: &TlsFiles) -> std::io::Result<tonic::transport::ClientTlsConfig> {
+    let mut config = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(std::fs::read(&files.ca)?),
+    );
+    if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
+        config = config.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
+    }
+    Ok(config)
 }

@@ -55,6 +55,17 @@ struct Args {
     /// Bearer token (role node) when the controller requires tokens.
     #[arg(long, env = "MUSTER_NODE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// For an https:// controller: the CA of its certificate (PEM).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM, common name node:NAME) and key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow a plaintext http:// controller that is not on loopback.
+    #[arg(long)]
+    insecure: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -115,6 +126,12 @@ fn main() -> ExitCode {
             .task_data_dir
             .map(|d| std::path::absolute(&d).unwrap_or(d)),
         token: args.token,
+        tls: args.tls_ca.map(|ca| muster_node_agent::TlsFiles {
+            ca,
+            cert: args.tls_cert,
+            key: args.tls_key,
+        }),
+        insecure: args.insecure,
         log_limits: LogLimits {
             max_file_bytes: args.log_max_bytes.max(4096),
             max_line_bytes: args.log_max_line_bytes.clamp(64, 1 << 20),

@@ -220,6 +220,10 @@ impl Session {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10));
+        let endpoint = match &self.ctx.tls {
+            Some(tls) => endpoint.tls_config(tls.clone())?,
+            None => endpoint,
+        };
         Ok(endpoint.connect().await?)
     }
 }

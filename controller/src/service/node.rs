@@ -44,6 +44,8 @@ impl NodeService for NodeSessions {
         request: Request<Streaming<v1::NodeMessage>>,
     ) -> Result<Response<Outbound>, Status> {
         self.auth.check(&request, crate::auth::Role::Node)?;
+        // A node's identity is its certificate: it may only speak for itself.
+        let certified = crate::auth::peer_common_name(&request).filter(|_| self.auth.mtls);
         let mut inbound = request.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(v1::NodeMessage {
@@ -58,6 +60,14 @@ impl NodeService for NodeSessions {
         };
         if let Err(problem) = muster_proto::spec::check_name(&hello.node) {
             return Err(Status::invalid_argument(format!("hello.node {problem}")));
+        }
+        if let Some(cn) = certified {
+            if cn != format!("node:{}", hello.node) {
+                return Err(Status::permission_denied(format!(
+                    "certificate {cn:?} may not speak for node {}",
+                    hello.node
+                )));
+            }
         }
 
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
