@@ -59,6 +59,9 @@ enum Cmd {
         /// Exit 0 once every submitted task has settled (final state or crash_loop).
         #[arg(long)]
         exit_when_done: bool,
+        /// Run the fleet with mTLS (a development CA and certificates in DATA_DIR/certs).
+        #[arg(long)]
+        tls: bool,
     },
     /// Submit a task or sweep file (TOML); nothing is submitted if any task has an error.
     Submit {
@@ -357,6 +360,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             example,
             no_example,
             exit_when_done,
+            tls,
         } => {
             if nodes == 0 || slots == 0 {
                 return Err(Failure::usage("--nodes and --slots must be at least 1"));
@@ -368,6 +372,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 slots,
                 example,
                 exit_when_done,
+                tls,
             })
             .await
         }

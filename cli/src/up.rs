@@ -23,6 +23,8 @@ pub struct UpArgs {
     pub slots: u32,
     pub example: Option<String>,
     pub exit_when_done: bool,
+    /// Run the fleet with mTLS: a development CA and certificates in DATA_DIR/certs.
+    pub tls: bool,
 }
 
 /// One daemon of the fleet.
@@ -85,12 +87,18 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
 
     let mut daemons = Vec::new();
     let result = async {
-        let controller = spawn_daemon(
-            "controller",
-            &bin_dir.join("muster-controller"),
-            &["--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), data_dir.join("controller").display().to_string()],
-            &logs_dir,
-        )?;
+        let certs = data_dir.join("certs");
+        let mut controller_args: Vec<String> =
+            vec!["--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), data_dir.join("controller").display().to_string()];
+        if args.tls {
+            crate::certs::init(&certs)?;
+            crate::certs::issue(&certs, crate::certs::Subject::Controller("127.0.0.1".into()))?;
+            crate::certs::issue(&certs, crate::certs::Subject::Operator { role: "operator".into(), name: "local".into() })?;
+            for (flag, file) in [("--tls-cert", "controller-127.0.0.1.pem"), ("--tls-key", "controller-127.0.0.1-key.pem"), ("--tls-client-ca", "ca.pem")] {
+                controller_args.extend([flag.to_string(), certs.join(file).display().to_string()]);
+            }
+        }
+        let controller = spawn_daemon("controller", &bin_dir.join("muster-controller"), &controller_args, &logs_dir)?;
         daemons.push(controller);
         let url = wait_for_addr(&addr_file, &mut daemons[0]).await?;
         eprintln!("muster up: controller at {url} (logs in {})", logs_dir.display());
@@ -112,6 +120,13 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
                 "--task-data-dir".into(),
                 data_dir.join("task-data").display().to_string(),
             ];
+            let mut node_args = node_args;
+            if args.tls {
+                crate::certs::issue(&certs, crate::certs::Subject::Node(name.clone()))?;
+                for (flag, file) in [("--tls-ca", "ca.pem".to_string()), ("--tls-cert", format!("node-{name}.pem")), ("--tls-key", format!("node-{name}-key.pem"))] {
+                    node_args.extend([flag.to_string(), certs.join(file).display().to_string()]);
+                }
+            }
             daemons.push(spawn_daemon(&name, &bin_dir.join("muster-node-agent"), &node_args, &logs_dir)?);
         }
         let mut client = client::connect(&url).await?;
