@@ -176,7 +176,10 @@ impl Fleet {
             .arg("--data-dir")
             .arg(self.controller_dir())
             .arg("--config")
-            .arg(self.root.join("controller.toml"));
+            .arg(self.root.join("controller.toml"))
+            // Metrics on a free port; its URL lands in DATA_DIR/metrics.addr.
+            .arg("--http")
+            .arg("127.0.0.1:0");
         self.spawn_daemon(command, "controller")
     }
 
@@ -199,7 +202,9 @@ impl Fleet {
             .arg("--slots")
             .arg(slots.to_string())
             .arg("--labels")
-            .arg(format!("fleet=e2e,node={name}"));
+            .arg(format!("fleet=e2e,node={name}"))
+            .arg("--http")
+            .arg("127.0.0.1:0");
         let child = self.spawn_daemon(command, name);
         self.agents.push(Agent {
             name: name.to_string(),
