@@ -3,7 +3,9 @@
 //!
 //! Each connection is carried by a pair of threads, one per direction. While the proxy is
 //! cut, every connection it carried is closed and new ones are accepted and dropped at once,
-//! so the agent sees a controller it cannot reach. At most [`MAX_CONNECTIONS`] connections
+//! so the agent sees a controller it cannot reach. While it drops replies, connections stay
+//! open and the controller hears the agent, but every byte back is thrown away (a link that
+//! fails one way). At most [`MAX_CONNECTIONS`] connections
 //! are carried at a time; more are dropped like during a cut. Dropping the proxy stops it
 //! and joins all its threads.
 
@@ -49,6 +51,8 @@ struct Shared {
     /// Cut or stopping; changed only while `carried` is locked, so that no connection is
     /// let through after a cut has closed the others.
     cut: AtomicBool,
+    /// Bytes from the target are read and thrown away.
+    drop_replies: Arc<AtomicBool>,
     stopping: AtomicBool,
     carried: Mutex<Vec<Carried>>,
     /// Connections accepted and forwarded, for tests that want to see traffic pass.
@@ -72,6 +76,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             target,
             cut: AtomicBool::new(false),
+            drop_replies: Arc::new(AtomicBool::new(false)),
             stopping: AtomicBool::new(false),
             carried: Mutex::new(Vec::new()),
             forwarded: AtomicU64::new(0),
@@ -119,10 +124,17 @@ impl Proxy {
         closed.into_iter().for_each(Carried::join);
     }
 
-    /// Lets new connections through again.
+    /// From now on, throws away every byte the target sends, on open connections and new
+    /// ones, while still carrying everything to it; until [`Proxy::heal`].
+    pub fn drop_replies(&self) {
+        self.shared.drop_replies.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets new connections through again, and replies.
     pub fn heal(&self) {
         let _carried = self.shared.carried.lock().expect("proxy table poisoned");
         self.shared.cut.store(false, Ordering::SeqCst);
+        self.shared.drop_replies.store(false, Ordering::SeqCst);
     }
 
     pub fn is_cut(&self) -> bool {
@@ -167,7 +179,7 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             drop(client);
             continue;
         }
-        match carry(client, shared.target) {
+        match carry(client, shared.target, shared.drop_replies.clone()) {
             Some(connection) => {
                 shared.forwarded.fetch_add(1, Ordering::SeqCst);
                 carried.push(connection);
@@ -188,7 +200,7 @@ fn reap_finished(carried: &mut Vec<Carried>) {
 
 /// Connects to the target and starts the two copying threads; None if the target refuses
 /// (the client is dropped, as a controller that is down would).
-fn carry(client: TcpStream, target: SocketAddr) -> Option<Carried> {
+fn carry(client: TcpStream, target: SocketAddr, drop_replies: Arc<AtomicBool>) -> Option<Carried> {
     let upstream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).ok()?;
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
@@ -200,11 +212,11 @@ fn carry(client: TcpStream, target: SocketAddr) -> Option<Carried> {
     );
     let up = thread::Builder::new()
         .name("proxy-up".into())
-        .spawn(move || copy(clones.0, clones.1))
+        .spawn(move || copy(clones.0, clones.1, None))
         .ok()?;
     let down = match thread::Builder::new()
         .name("proxy-down".into())
-        .spawn(move || copy(clones.3, clones.2))
+        .spawn(move || copy(clones.3, clones.2, Some(drop_replies)))
     {
         Ok(down) => down,
         Err(_) => {
@@ -220,13 +232,17 @@ fn carry(client: TcpStream, target: SocketAddr) -> Option<Carried> {
 }
 
 /// Copies bytes one way until either side ends, then closes both: a half-closed gRPC
-/// connection is of no use to anyone, and it frees the other thread at once.
-fn copy(mut from: TcpStream, mut to: TcpStream) {
+/// connection is of no use to anyone, and it frees the other thread at once. While
+/// `discard` is set, what is read is thrown away.
+fn copy(mut from: TcpStream, mut to: TcpStream, discard: Option<Arc<AtomicBool>>) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if discard.as_ref().is_some_and(|d| d.load(Ordering::SeqCst)) {
+                    continue;
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }

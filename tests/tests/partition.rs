@@ -365,3 +365,52 @@ fn keep_task_of_a_cut_off_node_is_never_replaced() {
         "the kept task was fenced: {returned}"
     );
 }
+
+#[test]
+fn event_recorded_before_a_controller_kill_is_not_recorded_again_when_its_ack_was_lost() {
+    let task = "exits-once";
+    let spec = format!(
+        r#"
+name = "{task}"
+shell = true
+command = ["sleep 2; exit 4"]
+[restart]
+policy = "never"
+"#
+    );
+    let mut fleet = Fleet::start(0, controller_config("60s"));
+    let proxy = Proxy::to_url(fleet.url());
+    fleet.start_node_agent_via("node-1", 4, &proxy.url());
+    fleet.wait_for_nodes_ready(1);
+    fleet.submit_toml(task, &spec);
+    fleet.wait_for_attempt_pid(task, 1, TASK_DEADLINE);
+
+    // The controller hears the exit and records it, but its ack never reaches the node:
+    // the node still holds the event when the controller dies.
+    proxy.drop_replies();
+    fleet.wait_for_event(|e| is_event(e, "attempt.exited", task), TASK_DEADLINE);
+    fleet.kill_controller(nix::sys::signal::Signal::SIGKILL);
+    let before = last_seq(&fleet);
+    proxy.heal();
+    fleet.start_controller();
+    fleet.wait_for_event(
+        |e| is_after(e, before) && e["kind"] == "node.joined" && e["node"] == "node-1",
+        TASK_DEADLINE,
+    );
+    fleet.wait_for_nodes_ready(1);
+    // The node sends again what it holds before it reports a task started after the Hello.
+    let after_hello = last_seq(&fleet);
+    fleet.submit_toml(
+        "marker",
+        "name = \"marker\"\ncommand = [\"sleep\", \"60\"]\n",
+    );
+    fleet.wait_for_event(
+        |e| is_after(e, after_hello) && is_event(e, "attempt.started", "marker"),
+        TASK_DEADLINE,
+    );
+
+    let exits = fleet.events(|e| is_event(e, "attempt.exited", task));
+    let ends = fleet.events(|e| is_event(e, "task.failed", task));
+    assert_eq!(exits.len(), 1, "the exit is recorded once: {exits:#?}");
+    assert_eq!(ends.len(), 1, "the task fails once: {ends:#?}");
+}
