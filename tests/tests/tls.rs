@@ -229,3 +229,77 @@ fn mtls_fleet_checks_every_identity() {
         "{nodes:?}"
     );
 }
+
+/// Every FleetService method, called through grpcurl with each role's certificate and with
+/// none: allowed calls pass the door (they may still fail as NotFound), denied ones are
+/// PermissionDenied, anonymous ones Unauthenticated.
+#[test]
+fn every_method_admits_exactly_the_roles_it_should() {
+    let fleet = TlsFleet::start();
+    issue(&fleet, &["--operator", "vic", "--role", "viewer"]);
+    issue(&fleet, &["--operator", "ada", "--role", "admin"]);
+    let run = fleet.muster(
+        &["run", "--name", "target", "--", "sleep", "600"],
+        Some("operator-local"),
+    );
+    assert!(run.status.success(), "{run:?}");
+    wait_until("the target task to run", START_DEADLINE, || {
+        let out = fleet.muster(&["show", "target", "--json"], Some("operator-local"));
+        String::from_utf8_lossy(&out.stdout)
+            .contains("\"running\"")
+            .then_some(())
+    });
+
+    // (method, request, least role: 0 viewer, 1 operator, 2 admin)
+    let calls: &[(&str, &str, u8)] = &[
+        ("GetTask", r#"{"name":"target"}"#, 0),
+        ("ListTasks", "{}", 0),
+        ("ListNodes", "{}", 0),
+        ("ReadInbox", r#"{"limit":3}"#, 0),
+        ("Watch", r#"{"from_seq":1,"kind":"task.submitted"}"#, 0),
+        ("ListIncidents", "{}", 0),
+        ("TailLogs", r#"{"task":"target"}"#, 0),
+        (
+            "Submit",
+            r#"{"tasks":[{"name":"SUBMITTED","command":["true"]}]}"#,
+            1,
+        ),
+        ("SignalTask", r#"{"name":"target","signal":"CONT"}"#, 1),
+        ("RestartTask", r#"{"name":"no-such-task"}"#, 1),
+        ("StopTask", r#"{"name":"no-such-task"}"#, 1),
+        ("AckIncident", r#"{"id":999999}"#, 1),
+        ("ResolveIncident", r#"{"id":999999}"#, 1),
+        ("CordonNode", r#"{"name":"no-such-node"}"#, 2),
+        ("DrainNode", r#"{"name":"no-such-node"}"#, 2),
+    ];
+    let callers: [(Option<&str>, u8); 4] = [
+        (None, 0),
+        (Some("viewer-vic"), 0),
+        (Some("operator-local"), 1),
+        (Some("admin-ada"), 2),
+    ];
+    for (method, request, least) in calls {
+        for (cert, rank) in callers {
+            let request = request.replace("SUBMITTED", &format!("sub-{}", cert.unwrap_or("none")));
+            let path = format!("muster.v1.FleetService/{method}");
+            let max_time = if *method == "Watch" { "2" } else { "20" };
+            let (_, out) = grpcurl_tls(
+                &fleet,
+                cert,
+                &["-max-time", max_time, "-d", &request, &path],
+            );
+            let denied = out.contains("PermissionDenied");
+            let anonymous = out.contains("Unauthenticated");
+            match cert {
+                None => assert!(
+                    anonymous,
+                    "{method} without a certificate is Unauthenticated: {out}"
+                ),
+                Some(_) if rank >= *least => {
+                    assert!(!denied && !anonymous, "{method} admits {cert:?}: {out}")
+                }
+                Some(_) => assert!(denied, "{method} denies {cert:?}: {out}"),
+            }
+        }
+    }
+}
