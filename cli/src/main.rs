@@ -800,6 +800,10 @@ async fn inbox(
             .and_then(|()| stdout.flush())
             .is_ok()
     };
+    if let (true, Some(seq)) = (follow, since) {
+        // Straight to the stream, which keeps trying while the controller is away.
+        return follow_inbox(url, seq, &task, &kind, print).await;
+    }
     let mut client = client::connect(url).await?;
     let mut next = match since {
         Some(seq) => seq,

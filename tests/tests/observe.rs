@@ -178,3 +178,84 @@ fn grpcurl_lists_every_service_and_calls_the_api() {
     );
     assert!(ok && events.contains("task.submitted"), "{events}");
 }
+
+/// `muster inbox --follow --json` across a controller SIGKILL and restart: it reconnects
+/// and resumes after the last event it printed, losing and repeating nothing.
+#[test]
+fn inbox_follow_survives_a_controller_restart() {
+    use std::io::BufRead;
+
+    let mut fleet = Fleet::start(1, FleetOptions::default());
+    fleet.submit_toml(
+        "before",
+        "name = \"before\"\ncommand = [\"sleep\", \"600\"]\n",
+    );
+    fleet.wait_for_task_state("before", "running", TASK_DEADLINE);
+    let out_path = fleet.dir().join("follow.jsonl");
+    let bins = std::env::current_exe()
+        .expect("test path")
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/release")
+        .to_path_buf();
+    let mut follower = std::process::Command::new(bins.join("muster"))
+        .args([
+            "--controller",
+            fleet.url(),
+            "inbox",
+            "--follow",
+            "--json",
+            "--since",
+            "1",
+        ])
+        .env_remove("MUSTER_TOKEN")
+        .stdout(std::fs::File::create(&out_path).expect("an output file"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting muster inbox --follow");
+
+    wait_until(
+        "the follower to print the first events",
+        TASK_DEADLINE,
+        || {
+            std::fs::read_to_string(&out_path)
+                .ok()
+                .filter(|t| t.contains("\"before\""))
+                .map(|_| ())
+        },
+    );
+    fleet.kill_controller(nix::sys::signal::Signal::SIGKILL);
+    fleet.start_controller();
+    fleet.wait_for_nodes_ready(1);
+    fleet.submit_toml(
+        "after",
+        "name = \"after\"\ncommand = [\"sleep\", \"600\"]\n",
+    );
+    let last = fleet.wait_for_event(
+        |e| e["kind"] == "attempt.started" && e["task"] == "after",
+        TASK_DEADLINE,
+    );
+    let last_seq = last["seq"].as_u64().expect("a seq");
+
+    let seqs = wait_until(
+        "the follower to print the event after the restart",
+        TASK_DEADLINE,
+        || {
+            let file = std::fs::File::open(&out_path).ok()?;
+            let seqs: Vec<u64> = std::io::BufReader::new(file)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok()?["seq"].as_u64())
+                .collect();
+            seqs.contains(&last_seq).then_some(seqs)
+        },
+    );
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    let expected: Vec<u64> = (1..=*seqs.last().expect("events")).collect();
+    assert_eq!(
+        seqs, expected,
+        "every event once, in order, across the restart"
+    );
+}
