@@ -78,10 +78,16 @@ impl Core {
         node.last_seen_ms = now_ms();
         node.state = NodeState::Ready;
         node.session = Some(session.clone());
-        node.memory.instance = hello.instance.clone();
-        if !same_instance {
-            node.memory.acked_seq = 0;
-        }
+        // The same agent instance resumes from what the store remembers (the record itself
+        // may be new after a controller restart); a new instance starts its seqs afresh.
+        node.memory = if same_instance {
+            previous
+        } else {
+            crate::model::NodeMemory {
+                instance: hello.instance.clone(),
+                acked_seq: 0,
+            }
+        };
         let acked_seq = node.memory.acked_seq;
         self.node_memory.insert(name.clone(), node.memory.clone());
         self.batch.nodes.insert(name.clone());
