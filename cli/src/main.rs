@@ -697,20 +697,34 @@ async fn node_verb(
     json: bool,
     verb: &str,
 ) -> Result<(), Failure> {
-    let node = match verb {
-        "drain" => client.drain_node(v1::DrainNodeRequest { name }).await?,
+    let request_name = name.clone();
+    let mut node = match verb {
+        "drain" => {
+            client
+                .drain_node(v1::DrainNodeRequest { name: request_name })
+                .await?
+        }
         "uncordon" => {
             client
-                .cordon_node(v1::CordonNodeRequest { name, undo: true })
+                .cordon_node(v1::CordonNodeRequest {
+                    name: request_name,
+                    undo: true,
+                })
                 .await?
         }
         _ => {
             client
-                .cordon_node(v1::CordonNodeRequest { name, undo: false })
+                .cordon_node(v1::CordonNodeRequest {
+                    name: request_name,
+                    undo: false,
+                })
                 .await?
         }
     }
     .into_inner();
+    if verb == "drain" && node.tasks > 0 {
+        node = wait_drained(&mut client, &name, node.tasks).await?;
+    }
     if json {
         print_json(&output::node_json(&node));
     } else {
@@ -720,6 +734,46 @@ async fn node_verb(
         );
     }
     Ok(())
+}
+
+/// Shows a drain's progress until the node holds no task (Ctrl-C leaves it draining).
+async fn wait_drained(
+    client: &mut client::Client,
+    name: &str,
+    total: u32,
+) -> Result<v1::Node, Failure> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut shown = u32::MAX;
+    loop {
+        let nodes = client
+            .list_nodes(v1::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes;
+        let node = nodes
+            .into_iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| Failure::new(Failure::NOT_FOUND, format!("node {name} is gone")))?;
+        if node.tasks != shown {
+            shown = node.tasks;
+            let moved = total.saturating_sub(node.tasks);
+            if tty {
+                eprint!("\rdraining {name}: {moved}/{total} tasks moved ");
+            } else {
+                eprintln!("draining {name}: {moved}/{total} tasks moved");
+            }
+        }
+        if node.tasks == 0 {
+            if tty {
+                eprintln!();
+            }
+            return Ok(node);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(node),
+        }
+    }
 }
 
 /// Prints what `render` returns once, or (with `watch`) every 2 seconds until Ctrl-C,
