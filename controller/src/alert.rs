@@ -121,6 +121,16 @@ impl Notice {
     }
 }
 
+/// At most `max` characters, with an ellipsis when cut (Slack's and PagerDuty's limits).
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max - 1).collect();
+    out.push('…');
+    out
+}
+
 /// The `muster` commands that act on an incident, for people reading a page at 3 a.m.
 pub fn commands(i: &NoticeIncident) -> Vec<String> {
     let mut out = Vec::new();

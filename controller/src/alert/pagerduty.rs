@@ -60,7 +60,7 @@ pub fn event(notice: &Notice, routing_key: &str, source: &str) -> Value {
         "dedup_key": notice.dedup_key,
         "client": "Muster",
         "payload": {
-            "summary": truncate(&notice.summary(), SUMMARY_MAX),
+            "summary": super::truncate(&notice.summary(), SUMMARY_MAX),
             "source": if first.node.is_empty() { source.to_string() } else { first.node.clone() },
             "severity": severity(&notice.severity),
             "timestamp": notice.ts,
@@ -80,15 +80,6 @@ fn severity(s: &str) -> &'static str {
         "info" => "info",
         _ => "error",
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(max - 1).collect();
-    out.push('…');
-    out
 }
 
 #[cfg(test)]

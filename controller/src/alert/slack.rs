@@ -39,7 +39,7 @@ pub fn text(notice: &Notice) -> String {
             ));
         }
     }
-    truncate(&out, SECTION_MAX)
+    super::truncate(&out, SECTION_MAX)
 }
 
 fn incident_lines(i: &NoticeIncident, full: bool) -> String {
@@ -111,15 +111,6 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(max - 1).collect();
-    out.push('…');
-    out
 }
 
 #[cfg(test)]
