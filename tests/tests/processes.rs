@@ -180,3 +180,57 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
+
+#[test]
+fn environment_reaches_the_child_byte_for_byte() {
+    let fleet = Fleet::start(1, FleetOptions::default());
+    let value = r#"a "quoted" $HOME `cmd` 'single' \back tab	end"#;
+    let spec = format!(
+        r#"
+name = "env-check"
+command = ["python3", "-c", "import os; open(os.path.join(os.environ['MUSTER_DATA_DIR'], 'v'), 'w').write(os.environ['ODD'])"]
+env = {{ ODD = {value:?} }}
+[restart]
+policy = "never"
+"#
+    );
+
+    fleet.submit_toml("env-check", &spec);
+    fleet.wait_for_task_state("env-check", "succeeded", TASK_DEADLINE);
+
+    let got = std::fs::read_to_string(fleet.task_dir("node-1", "env-check").join("data/v"))
+        .expect("the child wrote the value");
+    assert_eq!(got, value, "no shell, no interpolation");
+}
+
+#[test]
+fn a_node_flooded_with_output_and_cpu_work_is_not_declared_lost() {
+    let fleet = Fleet::start(1, FleetOptions::default());
+    // Two children: one writes as fast as it can, one burns CPU; the machine has two cores.
+    let spec = r#"
+[[task]]
+name = "flood"
+command = ["sh", "-c", "timeout 8 yes 'a line of output that goes on and on' || true"]
+[task.restart]
+policy = "never"
+[[task]]
+name = "burn"
+command = ["sh", "-c", "timeout 8 sh -c 'while :; do :; done' || true"]
+[task.restart]
+policy = "never"
+"#;
+
+    fleet.submit_toml("load", spec);
+    fleet.wait_for_task_state("flood", "succeeded", TASK_DEADLINE);
+    fleet.wait_for_task_state("burn", "succeeded", TASK_DEADLINE);
+
+    let lost = fleet.events(|e| e["kind"] == "node.lost");
+    assert!(
+        lost.is_empty(),
+        "the loaded node kept its heartbeats: {lost:?}"
+    );
+    let stdout = std::fs::metadata(fleet.task_dir("node-1", "flood").join("stdout.log"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(stdout > 0, "the flood was drained into its log");
+}
