@@ -167,7 +167,9 @@ pub async fn drain(
     let mut reader = pipe::Receiver::from_owned_fd(pipe.into())?;
     let mut splitter = LineSplitter::new(file.limits.max_line_bytes);
     let tail_lines = file.limits.tail_lines;
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small: the keeper holds two of these per child, and memory per child is what a node
+    // with thousands of children pays; a flood only costs more reads.
+    let mut buf = vec![0u8; 8 * 1024];
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(0) => break,
