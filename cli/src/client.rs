@@ -179,11 +179,19 @@ fn tls_config() -> Result<tonic::transport::ClientTlsConfig, Failure> {
     let ca = path("MUSTER_CA", "ca.pem");
     let mut config = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(read(&ca)?));
-    let (cert, key) = (
-        path("MUSTER_CERT", "operator-local.pem"),
-        path("MUSTER_KEY", "operator-local-key.pem"),
-    );
-    if cert.exists() && key.exists() {
+    if std::env::var_os("MUSTER_CERT").is_some() || std::env::var_os("MUSTER_KEY").is_some() {
+        // Named explicitly: they must be there.
+        let (cert, key) = (
+            path("MUSTER_CERT", "admin-local.pem"),
+            path("MUSTER_KEY", "admin-local-key.pem"),
+        );
+        config = config.identity(tonic::transport::Identity::from_pem(
+            read(&cert)?,
+            read(&key)?,
+        ));
+    } else if dir.join("admin-local.pem").exists() {
+        // The local fleet of `muster up --tls`: its user is admin.
+        let (cert, key) = (dir.join("admin-local.pem"), dir.join("admin-local-key.pem"));
         config = config.identity(tonic::transport::Identity::from_pem(
             read(&cert)?,
             read(&key)?,

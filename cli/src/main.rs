@@ -785,7 +785,12 @@ where
 {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {
-        let text = render().await?;
+        let text = match render().await {
+            Ok(text) => text,
+            // Watching rides out a controller restart; a single look reports the failure.
+            Err(e) if watch => format!("muster: {} (retrying)\n", e.message),
+            Err(e) => return Err(e),
+        };
         let mut stdout = std::io::stdout();
         if watch && tty {
             let _ = write!(stdout, "\x1b[H\x1b[2J");
@@ -859,6 +864,39 @@ async fn inbox(
         return follow_inbox(url, seq, &task, &kind, print).await;
     }
     let mut client = client::connect(url).await?;
+    if since.is_none() && (!task.is_empty() || !kind.is_empty()) {
+        // Filtered without a start: the last 50 matching events of the whole inbox.
+        let mut next = 1;
+        let mut last: std::collections::VecDeque<v1::Event> = std::collections::VecDeque::new();
+        loop {
+            let request = v1::ReadInboxRequest {
+                from_seq: next,
+                limit: 1000,
+                task: task.clone(),
+                kind: kind.clone(),
+            };
+            let page = client.read_inbox(request).await?.into_inner();
+            for event in page.events.iter().cloned() {
+                next = event.seq + 1;
+                if last.len() == 50 {
+                    last.pop_front();
+                }
+                last.push_back(event);
+            }
+            if page.events.len() < 1000 {
+                break;
+            }
+        }
+        for event in &last {
+            if !print(event) {
+                return Ok(());
+            }
+        }
+        if follow {
+            return follow_inbox(url, next, &task, &kind, print).await;
+        }
+        return Ok(());
+    }
     let mut next = match since {
         Some(seq) => seq,
         None => {

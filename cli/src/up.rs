@@ -94,6 +94,8 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
             crate::certs::init(&certs)?;
             crate::certs::issue(&certs, crate::certs::Subject::Controller("127.0.0.1".into()))?;
             crate::certs::issue(&certs, crate::certs::Subject::Operator { role: "operator".into(), name: "local".into() })?;
+            // The local user runs the whole fleet: admin, so cordon and drain work too.
+            crate::certs::issue(&certs, crate::certs::Subject::Operator { role: "admin".into(), name: "local".into() })?;
             for (flag, file) in [("--tls-cert", "controller-127.0.0.1.pem"), ("--tls-key", "controller-127.0.0.1-key.pem"), ("--tls-client-ca", "ca.pem")] {
                 controller_args.extend([flag.to_string(), certs.join(file).display().to_string()]);
             }
@@ -141,7 +143,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     }
     .await;
 
-    shutdown(&mut daemons).await;
+    shutdown(&mut daemons, &data_dir).await;
     result
 }
 
@@ -276,7 +278,12 @@ async fn wait_for_nodes(
             .await?
             .into_inner()
             .nodes;
-        if nodes.iter().filter(|n| n.state == "ready").count() as u32 >= want {
+        // A node left cordoned by an earlier run is connected all the same.
+        let connected = nodes
+            .iter()
+            .filter(|n| matches!(n.state.as_str(), "ready" | "cordoned"))
+            .count() as u32;
+        if connected >= want {
             return Ok(());
         }
         if let Some(name) = first_dead(daemons) {
@@ -465,7 +472,7 @@ fn terminal_width() -> usize {
 
 /// Node agents first (they stop their tasks within each task's grace), then the controller.
 /// A second Ctrl-C tells the node agents to kill their tasks at once.
-async fn shutdown(daemons: &mut [Daemon]) {
+async fn shutdown(daemons: &mut [Daemon], data_dir: &Path) {
     let (controller, nodes) = match daemons.split_first_mut() {
         Some(split) => split,
         None => return,
@@ -492,5 +499,41 @@ async fn shutdown(daemons: &mut [Daemon]) {
     }
     controller.signal(Signal::SIGTERM);
     controller.wait(Duration::from_secs(15)).await;
+    let left = kill_leftovers(data_dir);
+    if left > 0 {
+        eprintln!("muster up: killed {left} processes a dead node agent left behind");
+    }
     eprintln!("muster up: fleet stopped");
+}
+
+/// A node agent that died (SIGKILL) leaves its keeper and tasks running; the fleet's own
+/// processes are known by their data dir, in the keepers' arguments and the tasks'
+/// environment.
+fn kill_leftovers(data_dir: &Path) -> usize {
+    let nodes = format!("{}/nodes/", data_dir.display());
+    let marker = format!("MUSTER_DATA_DIR={}/", data_dir.display());
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let keeper = cmdline.split(|&b| b == 0).any(|a| a == b"keeper")
+            && cmdline
+                .split(|&b| b == 0)
+                .any(|a| a.starts_with(nodes.as_bytes()));
+        let task = environ
+            .split(|&b| b == 0)
+            .any(|v| v.starts_with(marker.as_bytes()));
+        if keeper || task {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
 }

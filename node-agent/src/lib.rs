@@ -144,6 +144,13 @@ pub enum ConfigError {
         "--controller {0} is https://: give --tls-ca (the CA of the controller's certificate)"
     )]
     NoCa(String),
+    #[error("{flag} {path}: {source}")]
+    TlsFile {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--data-dir {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -175,6 +182,24 @@ impl Config {
         }
         if self.controller.starts_with("https://") && self.tls.is_none() {
             errors.push(ConfigError::NoCa(self.controller.clone()));
+        }
+        if let Some(tls) = &self.tls {
+            let files = [
+                ("--tls-ca", Some(&tls.ca)),
+                ("--tls-cert", tls.cert.as_ref()),
+                ("--tls-key", tls.key.as_ref()),
+            ];
+            for (flag, path) in files {
+                if let Some(path) = path {
+                    if let Err(source) = std::fs::File::open(path) {
+                        errors.push(ConfigError::TlsFile {
+                            flag,
+                            path: path.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
         }
         if let Err(source) = std::fs::create_dir_all(self.data_dir.join("tasks")) {
             errors.push(ConfigError::DataDir {

@@ -49,6 +49,8 @@ pub struct RunStatus {
     pub pid: u32,
     pub started_ms: i64,
     pub phase: &'static str,
+    /// An operator signalled this attempt (its SIGKILL is no OOM suspicion).
+    pub signalled: bool,
 }
 
 pub struct Runner {
@@ -245,7 +247,8 @@ impl Runner {
         };
         // A SIGKILL (or the shell's 137) that nobody here sent is most likely the kernel's
         // OOM killer; without cgroup events this stays a suspicion, named as such.
-        let oom = end.requested.is_none() && (signal == Some(9) || code == Some(137));
+        let signalled = self.status.lock().expect("run status poisoned").signalled;
+        let oom = end.requested.is_none() && !signalled && (signal == Some(9) || code == Some(137));
         let class = match (end.exit, &end.spawn_error) {
             (_, Some(e)) => e.kind,
             _ if oom => "oom_kill",
@@ -588,6 +591,7 @@ impl Runner {
             pid,
             started_ms: if pid == 0 { 0 } else { now_ms() },
             phase,
+            signalled: status.signalled && status.attempt == attempt,
         };
     }
 }

@@ -272,7 +272,11 @@ impl Supervisor {
         let tasks = self.tasks.lock().expect("task table poisoned");
         let pid = tasks
             .get(task)
-            .map(|h| h.status.lock().expect("run status poisoned").pid)
+            .map(|h| {
+                let mut status = h.status.lock().expect("run status poisoned");
+                status.signalled = true;
+                status.pid
+            })
             .filter(|&p| p > 0);
         let pid = pid.ok_or_else(|| format!("task {task} has no running process here"))?;
         let signal = nix::sys::signal::Signal::try_from(signal)

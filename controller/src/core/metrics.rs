@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use muster_proto::metrics::{render, Family, Histogram};
 
 use super::Core;
-use crate::model::{NodeState, TaskState};
+use crate::model::TaskState;
 
 /// Seconds; an fsync on a laptop SSD takes about a millisecond.
 const APPEND_BUCKETS: &[f64] = &[
@@ -46,14 +46,14 @@ impl Core {
             tasks = tasks.with(&[("state", state.as_str())], n as f64);
         }
         let mut nodes = Family::new("muster_nodes", "gauge", "Nodes by state.");
-        for state in [
-            NodeState::Ready,
-            NodeState::Suspect,
-            NodeState::Lost,
-            NodeState::Draining,
-        ] {
-            let n = self.nodes.values().filter(|n| n.state == state).count();
-            nodes = nodes.with(&[("state", state.as_str())], n as f64);
+        // As `muster nodes` shows them: a cordoned ready node counts as cordoned.
+        for state in ["ready", "suspect", "lost", "draining", "cordoned"] {
+            let n = self
+                .nodes
+                .values()
+                .filter(|n| n.to_proto().state == state)
+                .count();
+            nodes = nodes.with(&[("state", state)], n as f64);
         }
         let sessions = self.nodes.values().filter(|n| n.session.is_some()).count();
         let mut alerts = Family::new(

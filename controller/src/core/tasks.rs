@@ -278,6 +278,18 @@ impl Core {
                 task.restarts += 1;
                 task.set_state(TaskState::Backoff, &exited.reason);
                 task.message = what;
+                if exited.reason == "wait" {
+                    // A rate-limit style wait: the task is blocked, not crashing.
+                    task.set_state(TaskState::Blocked, "wait");
+                    task.message = format!(
+                        "waiting {}s before the next attempt",
+                        exited.backoff_ms / 1000
+                    );
+                }
+                if self.is_held(name) {
+                    let task = self.tasks.get_mut(name).expect("task exists");
+                    task.message = "restart held: an incident of this task is acknowledged (muster ack ID --undo, or resolve it)".into();
+                }
                 let event = self
                     .task_event(
                         name,

@@ -344,8 +344,30 @@ fn check_health(health: Option<&v1::HealthSpec>, bad: &mut impl FnMut(&str, Stri
             format!("has {} rules, at most {}", h.rules.len(), Limits::PATTERNS),
         );
     }
+    let mut names = std::collections::HashSet::new();
     for (i, rule) in h.rules.iter().enumerate() {
         check_rule(&format!("health.rules[{i}]"), rule, bad);
+        if !names.insert(rule.name.as_str()) {
+            bad(
+                &format!("health.rules[{i}].name"),
+                format!("{:?} is used by an earlier rule", rule.name),
+            );
+        }
+        if RESERVED_REASONS.contains(&rule.name.as_str()) {
+            bad(
+                &format!("health.rules[{i}].name"),
+                format!("{:?} is a built-in reason; pick another name", rule.name),
+            );
+        }
+    }
+    let mut packs = std::collections::HashSet::new();
+    for (i, pack) in h.packs.iter().enumerate() {
+        if !packs.insert(pack.as_str()) {
+            bad(
+                &format!("health.packs[{i}]"),
+                format!("{pack:?} is listed twice"),
+            );
+        }
     }
     for (i, pattern) in h.fail_patterns.iter().enumerate() {
         let field = format!("health.fail_patterns[{i}]");
@@ -360,7 +382,54 @@ fn check_health(health: Option<&v1::HealthSpec>, bad: &mut impl FnMut(&str, Stri
     }
 }
 
+/// Reasons Muster itself uses; a rule named so would be mistaken for them.
+const RESERVED_REASONS: [&str; 12] = [
+    "exit_code",
+    "signal",
+    "crash_loop",
+    "heartbeat_timeout",
+    "progress_stalled",
+    "metric_nan",
+    "metric_diverged",
+    "log_pattern",
+    "node_lost",
+    "needs_help",
+    "operator",
+    "spawn_error",
+];
+
 fn check_rule(field: &str, rule: &v1::HealthRule, bad: &mut impl FnMut(&str, String)) {
+    if rule.on == "output" && (!rule.exit_codes.is_empty() || !rule.signals.is_empty() || rule.oom)
+    {
+        bad(
+            field,
+            "with on = \"output\" takes no exit_codes, signals or oom".into(),
+        );
+    }
+    if rule.on == "exit" && !rule.pattern.is_empty() {
+        bad(
+            &format!("{field}.pattern"),
+            "is for on = \"output\" rules".into(),
+        );
+    }
+    if let Some(code) = rule.exit_codes.iter().find(|c| !(0..=255).contains(*c)) {
+        bad(
+            &format!("{field}.exit_codes"),
+            format!("has {code}; exit codes are 0-255"),
+        );
+    }
+    if let Some(sig) = rule.signals.iter().find(|s| !(1..=64).contains(*s)) {
+        bad(
+            &format!("{field}.signals"),
+            format!("has {sig}; signals are 1-64"),
+        );
+    }
+    if !rule.wait.is_empty() && rule.action != "wait" {
+        bad(
+            &format!("{field}.wait"),
+            "is only for action = \"wait\"".into(),
+        );
+    }
     if let Err(problem) = check_name(&rule.name) {
         bad(&format!("{field}.name"), problem);
     }
