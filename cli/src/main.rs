@@ -647,6 +647,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         .map_err(|p| Failure::usage(format!("--node {p}")))?;
                     certs::Subject::Node(name)
                 }
+                (_, Some(host), _) if host.contains("://") => {
+                    return Err(Failure::usage(format!(
+                        "certs issue --controller takes the controller's host name, not a URL ({host}); the global --controller does not apply to certs"
+                    )));
+                }
                 (_, Some(host), _) => certs::Subject::Controller(host),
                 (_, _, Some(name)) => {
                     if !["viewer", "operator", "admin"].contains(&role.as_str()) {

@@ -67,21 +67,29 @@ impl TlsFleet {
     fn muster(&self, args: &[&str], cert: Option<&str>) -> Output {
         let mut command = Command::new(bin("muster"));
         command
-            .arg("--data-dir")
-            .arg(self.data())
-            .args(args)
             .env_remove("MUSTER_TOKEN")
-            .env_remove("MUSTER_CONTROLLER");
+            .env_remove("MUSTER_CONTROLLER")
+            .env_remove("MUSTER_CERT")
+            .env_remove("MUSTER_KEY");
         command.env("MUSTER_CA", self.certs().join("ca.pem"));
         match cert {
-            Some(name) => command
-                .env("MUSTER_CERT", self.certs().join(format!("{name}.pem")))
-                .env("MUSTER_KEY", self.certs().join(format!("{name}-key.pem"))),
-            None => command
-                .env("MUSTER_CERT", "/nonexistent")
-                .env("MUSTER_KEY", "/nonexistent"),
-        };
-        command.output().expect("running muster")
+            Some(name) => {
+                command
+                    .arg("--data-dir")
+                    .arg(self.data())
+                    .env("MUSTER_CERT", self.certs().join(format!("{name}.pem")))
+                    .env("MUSTER_KEY", self.certs().join(format!("{name}-key.pem")));
+            }
+            // No certificate at all: a data dir without the fleet's certificates.
+            None => {
+                command
+                    .arg("--data-dir")
+                    .arg(self.dir.path().join("elsewhere"))
+                    .arg("--controller")
+                    .arg(self.url());
+            }
+        }
+        command.args(args).output().expect("running muster")
     }
 }
 
@@ -141,9 +149,13 @@ fn grpcurl_tls(fleet: &TlsFleet, cert: Option<&str>, args: &[&str]) -> (bool, St
 }
 
 fn issue(fleet: &TlsFleet, args: &[&str]) {
-    let mut full = vec!["certs", "issue"];
-    full.extend_from_slice(args);
-    let out = fleet.muster(&full, None);
+    let out = Command::new(bin("muster"))
+        .args(["certs", "issue", "--dir"])
+        .arg(fleet.certs())
+        .args(args)
+        .env_remove("MUSTER_CONTROLLER")
+        .output()
+        .expect("running muster certs issue");
     assert!(out.status.success(), "{out:?}");
 }
 
