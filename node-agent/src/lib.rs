@@ -295,10 +295,6 @@ impl Agent {
         }));
     }
 
-    pub fn instance(&self) -> &str {
-        &self.ctx.instance
-    }
-
     /// The prefix of every attempt key of this node, for a forced kill of all its tasks.
     pub fn key_prefix(&self) -> String {
         self.ctx.key_prefix()

@@ -121,14 +121,6 @@ impl Outbox {
         inner.pending_reports.clear();
     }
 
-    pub fn has_unsent(&self) -> bool {
-        let inner = self.inner.lock().expect("outbox poisoned");
-        inner
-            .events
-            .back()
-            .is_some_and(|e| e.seq > inner.sent_through)
-    }
-
     pub fn len(&self) -> usize {
         self.inner.lock().expect("outbox poisoned").events.len()
     }

@@ -46,13 +46,16 @@ impl Session {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let mut delay = Duration::from_millis(100);
         loop {
-            let connected = self.connect_once(&mut shutdown).await;
-            match connected {
-                Ok(true) => delay = Duration::from_millis(100),
-                Ok(false) => return,
+            let mut established = false;
+            match self.exchange(&mut shutdown, &mut established).await {
+                Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(controller = %self.ctx.controller, error = %e, "controller session ended")
                 }
+            }
+            // A session that got as far as Welcome resets the backoff; failed dials grow it.
+            if established {
+                delay = Duration::from_millis(100);
             }
             let jittered = delay.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
             tokio::select! {
@@ -63,18 +66,16 @@ impl Session {
         }
     }
 
-    /// One session. Ok(true): it was established and then broke; Ok(false): shutdown.
-    async fn connect_once(
+    /// One session, until it breaks (an error) or the agent shuts down (Ok). `established`
+    /// turns true once the controller's Welcome arrived.
+    async fn exchange(
         &self,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<bool, SessionError> {
-        self.exchange(shutdown).await
-    }
-
-    async fn exchange(&self, shutdown: &mut watch::Receiver<bool>) -> Result<bool, SessionError> {
+        established: &mut bool,
+    ) -> Result<(), SessionError> {
         let channel = tokio::select! {
             c = self.channel() => c?,
-            _ = shutdown.wait_for(|s| *s) => return Ok(false),
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
         };
         let mut client = NodeServiceClient::new(channel).max_decoding_message_size(64 << 20);
 
@@ -110,6 +111,7 @@ impl Session {
             Some(Err(status)) => return Err(status.into()),
             _ => return Err(SessionError::Closed),
         };
+        *established = true;
         self.ctx.outbox.rewind(welcome.acked_seq);
         {
             let mut contact = self.ctx.contact.lock().expect("contact poisoned");
@@ -141,7 +143,7 @@ impl Session {
                 _ = self.ctx.outbox.notify.notified() => {}
                 _ = ticker.tick() => {}
                 Some(extra) = extra_rx.recv() => extras.push(extra),
-                _ = shutdown.wait_for(|s| *s) => return Ok(false),
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
             }
             while let Ok(extra) = extra_rx.try_recv() {
                 extras.push(extra);
