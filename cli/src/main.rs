@@ -8,6 +8,8 @@ mod client;
 mod output;
 mod report;
 mod rules;
+mod run;
+mod tree;
 mod up;
 
 use std::collections::HashMap;
@@ -66,11 +68,14 @@ enum Cmd {
     /// Submit a task or sweep file (TOML); nothing is submitted if any task has an error.
     Submit {
         file: PathBuf,
+        /// Make the tasks children of this task.
+        #[arg(long, value_name = "TASK")]
+        parent: Option<String>,
         #[arg(long)]
         json: bool,
     },
     /// Run a command as a task: muster run --name NAME [options] -- CMD ARGS...
-    Run(Box<RunArgs>),
+    Run(Box<run::RunArgs>),
     /// List tasks.
     Ls {
         #[arg(long)]
@@ -84,6 +89,19 @@ enum Cmd {
         parent: Option<String>,
         #[arg(long)]
         root: Option<String>,
+        /// Only this task and all its descendants.
+        #[arg(long, value_name = "TASK")]
+        subtree: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Redraw every 2 seconds until Ctrl-C.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// Draw tasks as the tree of who started whom, with counts per subtree.
+    Tree {
+        /// Only this task and its descendants (default: every task).
+        task: Option<String>,
         #[arg(long)]
         json: bool,
         /// Redraw every 2 seconds until Ctrl-C.
@@ -165,6 +183,9 @@ enum Cmd {
         since: Option<u64>,
         #[arg(long)]
         task: Option<String>,
+        /// Only events about this task and all its descendants.
+        #[arg(long, value_name = "TASK")]
+        subtree: Option<String>,
         /// Event kind, or a prefix such as "task" or "incident".
         #[arg(long)]
         kind: Option<String>,
@@ -177,6 +198,9 @@ enum Cmd {
         /// Include resolved incidents.
         #[arg(long)]
         all: bool,
+        /// Only incidents of this task and all its descendants.
+        #[arg(long, value_name = "TASK")]
+        subtree: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -276,54 +300,6 @@ enum RulesCmd {
     },
 }
 
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    #[arg(long)]
-    name: String,
-    /// Working directory (default: the current one).
-    #[arg(long)]
-    workdir: Option<PathBuf>,
-    /// Environment variable, KEY=VALUE (repeatable).
-    #[arg(long = "env")]
-    env: Vec<String>,
-    /// Task label, key=value (repeatable).
-    #[arg(long = "label")]
-    labels: Vec<String>,
-    /// Node label the task needs, key=value (repeatable).
-    #[arg(long = "node-label")]
-    node_labels: Vec<String>,
-    #[arg(long)]
-    slots: Option<u32>,
-    /// always, on-failure or never.
-    #[arg(long)]
-    restart: Option<String>,
-    #[arg(long)]
-    max_restarts: Option<u32>,
-    #[arg(long)]
-    backoff_initial: Option<String>,
-    #[arg(long)]
-    backoff_max: Option<String>,
-    #[arg(long)]
-    heartbeat_timeout: Option<String>,
-    /// When the node loses the controller: "keep" running, or stop after this duration.
-    #[arg(long)]
-    on_disconnect: Option<String>,
-    /// Run as this user (the node agent must run as root).
-    #[arg(long)]
-    user: Option<String>,
-    /// Stop grace before SIGKILL.
-    #[arg(long)]
-    grace: Option<String>,
-    /// Run the command through sh -c.
-    #[arg(long)]
-    shell: bool,
-    #[arg(long)]
-    json: bool,
-    /// The command and its arguments, after --.
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -381,11 +357,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             message,
             metrics,
         } => report::run(state, message, metrics),
-        Cmd::Submit { file, json } => {
+        Cmd::Submit { file, parent, json } => {
             let specs = load_specs(&file)?;
             let names = connect()
                 .await?
-                .submit(v1::SubmitRequest { tasks: specs })
+                .submit(v1::SubmitRequest {
+                    tasks: specs,
+                    parent: parent.unwrap_or_default(),
+                })
                 .await?
                 .into_inner()
                 .names;
@@ -403,13 +382,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Run(args) => {
             let json = args.json;
-            let spec = run_spec(*args)?;
-            let names = connect()
-                .await?
-                .submit(v1::SubmitRequest { tasks: vec![spec] })
-                .await?
-                .into_inner()
-                .names;
+            let request = run::request(*args)?;
+            let names = connect().await?.submit(request).await?.into_inner().names;
             if json {
                 print_json(&serde_json::json!({ "submitted": names }));
             } else {
@@ -423,6 +397,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             labels,
             parent,
             root,
+            subtree,
             json,
             watch,
         } => {
@@ -432,13 +407,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 labels: pairs("--label", &labels)?,
                 parent: parent.unwrap_or_default(),
                 root: root.unwrap_or_default(),
+                subtree: subtree.unwrap_or_default(),
                 ..Default::default()
             };
             let client = connect().await?;
             repeat(watch, || {
                 let (mut client, filter) = (client.clone(), filter.clone());
                 async move {
-                    let tasks = client.list_tasks(filter).await?.into_inner().tasks;
+                    let tasks = list_tasks(&mut client, filter).await?;
                     Ok(if json {
                         serde_json::to_string_pretty(&serde_json::Value::Array(
                             tasks.iter().map(output::task_json).collect(),
@@ -447,6 +423,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             + "\n"
                     } else {
                         output::tasks_table(&tasks, terminal_width())
+                    })
+                }
+            })
+            .await
+        }
+        Cmd::Tree { task, json, watch } => {
+            let client = connect().await?;
+            repeat(watch, || {
+                let (mut client, task) = (client.clone(), task.clone());
+                async move {
+                    let filter = v1::ListTasksRequest {
+                        subtree: task.clone().unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    let mut forest = tree::forest(list_tasks(&mut client, filter).await?);
+                    if let Some(name) = task {
+                        // Picked out here too, so a controller that ignores `subtree`
+                        // still draws only the asked-for tree.
+                        let top = tree::subtree(forest, &name).ok_or_else(|| {
+                            Failure::new(Failure::NOT_FOUND, format!("task {name} not found"))
+                        })?;
+                        forest = vec![top];
+                    }
+                    Ok(if json {
+                        serde_json::to_string_pretty(&tree::json(&forest))
+                            .expect("JSON values serialize")
+                            + "\n"
+                    } else {
+                        tree::render(&forest, output::use_color())
                     })
                 }
             })
@@ -544,16 +549,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             follow,
             since,
             task,
+            subtree,
             kind,
             json,
         } => {
             let url = client::resolve(cli.controller.as_deref(), &cli.data_dir)?;
-            inbox(&url, follow, since, task, kind, json).await
+            let filter = InboxFilter {
+                task: task.unwrap_or_default(),
+                kind: kind.unwrap_or_default(),
+                subtree: subtree.unwrap_or_default(),
+            };
+            inbox(&url, follow, since, filter, json).await
         }
-        Cmd::Incidents { all, json } => {
+        Cmd::Incidents { all, subtree, json } => {
             let incidents = connect()
                 .await?
-                .list_incidents(v1::ListIncidentsRequest { all })
+                .list_incidents(v1::ListIncidentsRequest {
+                    all,
+                    subtree: subtree.unwrap_or_default(),
+                })
                 .await?
                 .into_inner()
                 .incidents;
@@ -844,15 +858,45 @@ fn print_json(value: &serde_json::Value) {
     );
 }
 
+/// Which inbox events `muster inbox` shows; an empty field does not filter.
+struct InboxFilter {
+    task: String,
+    kind: String,
+    subtree: String,
+}
+
+impl InboxFilter {
+    fn is_empty(&self) -> bool {
+        self.task.is_empty() && self.kind.is_empty() && self.subtree.is_empty()
+    }
+
+    fn read(&self, from_seq: u64, limit: u32) -> v1::ReadInboxRequest {
+        v1::ReadInboxRequest {
+            from_seq,
+            limit,
+            task: self.task.clone(),
+            kind: self.kind.clone(),
+            subtree: self.subtree.clone(),
+        }
+    }
+
+    fn watch(&self, from_seq: u64) -> v1::WatchRequest {
+        v1::WatchRequest {
+            from_seq,
+            task: self.task.clone(),
+            kind: self.kind.clone(),
+            subtree: self.subtree.clone(),
+        }
+    }
+}
+
 async fn inbox(
     url: &str,
     follow: bool,
     since: Option<u64>,
-    task: Option<String>,
-    kind: Option<String>,
+    filter: InboxFilter,
     json: bool,
 ) -> Result<(), Failure> {
-    let (task, kind) = (task.unwrap_or_default(), kind.unwrap_or_default());
     let print = |e: &v1::Event| {
         let line = if json {
             output::event_json(e).to_string()
@@ -866,21 +910,18 @@ async fn inbox(
     };
     if let (true, Some(seq)) = (follow, since) {
         // Straight to the stream, which keeps trying while the controller is away.
-        return follow_inbox(url, seq, &task, &kind, print).await;
+        return follow_inbox(url, seq, &filter, print).await;
     }
     let mut client = client::connect(url).await?;
-    if since.is_none() && (!task.is_empty() || !kind.is_empty()) {
+    if since.is_none() && !filter.is_empty() {
         // Filtered without a start: the last 50 matching events of the whole inbox.
         let mut next = 1;
         let mut last: std::collections::VecDeque<v1::Event> = std::collections::VecDeque::new();
         loop {
-            let request = v1::ReadInboxRequest {
-                from_seq: next,
-                limit: 1000,
-                task: task.clone(),
-                kind: kind.clone(),
-            };
-            let page = client.read_inbox(request).await?.into_inner();
+            let page = client
+                .read_inbox(filter.read(next, 1000))
+                .await?
+                .into_inner();
             for event in page.events.iter().cloned() {
                 next = event.seq + 1;
                 if last.len() == 50 {
@@ -898,7 +939,7 @@ async fn inbox(
             }
         }
         if follow {
-            return follow_inbox(url, next, &task, &kind, print).await;
+            return follow_inbox(url, next, &filter, print).await;
         }
         return Ok(());
     }
@@ -915,16 +956,13 @@ async fn inbox(
         }
     };
     if follow {
-        return follow_inbox(url, next, &task, &kind, print).await;
+        return follow_inbox(url, next, &filter, print).await;
     }
     loop {
-        let request = v1::ReadInboxRequest {
-            from_seq: next,
-            limit: 1000,
-            task: task.clone(),
-            kind: kind.clone(),
-        };
-        let page = client.read_inbox(request).await?.into_inner();
+        let page = client
+            .read_inbox(filter.read(next, 1000))
+            .await?
+            .into_inner();
         for event in &page.events {
             if !print(event) {
                 return Ok(());
@@ -942,22 +980,17 @@ async fn inbox(
 async fn follow_inbox(
     url: &str,
     mut next: u64,
-    task: &str,
-    kind: &str,
+    filter: &InboxFilter,
     print: impl Fn(&v1::Event) -> bool,
 ) -> Result<(), Failure> {
     let mut delay = std::time::Duration::from_millis(200);
     let mut warned = false;
     loop {
         let stream = match client::connect_streaming(url).await {
-            Ok(mut client) => {
-                let request = v1::WatchRequest {
-                    from_seq: next,
-                    task: task.to_string(),
-                    kind: kind.to_string(),
-                };
-                client.watch(request).await.map(tonic::Response::into_inner)
-            }
+            Ok(mut client) => client
+                .watch(filter.watch(next))
+                .await
+                .map(tonic::Response::into_inner),
             Err(f) => Err(tonic::Status::unavailable(f.message)),
         };
         match stream {
@@ -1016,6 +1049,23 @@ pub fn load_specs(path: &Path) -> Result<Vec<v1::TaskSpec>, Failure> {
         .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))
 }
 
+/// Every task the filter matches, across pages.
+async fn list_tasks(
+    client: &mut client::Client,
+    mut filter: v1::ListTasksRequest,
+) -> Result<Vec<v1::Task>, Failure> {
+    let mut tasks = Vec::new();
+    loop {
+        let page = client.list_tasks(filter.clone()).await?.into_inner();
+        tasks.extend(page.tasks);
+        // A token that does not move on would loop for ever; the list so far is all there is.
+        if page.next_page_token.is_empty() || page.next_page_token == filter.page_token {
+            return Ok(tasks);
+        }
+        filter.page_token = page.next_page_token;
+    }
+}
+
 fn pairs(flag: &str, items: &[String]) -> Result<HashMap<String, String>, Failure> {
     items
         .iter()
@@ -1025,62 +1075,4 @@ fn pairs(flag: &str, items: &[String]) -> Result<HashMap<String, String>, Failur
                 .ok_or_else(|| Failure::usage(format!("{flag} {item:?} is not key=value")))
         })
         .collect()
-}
-
-fn run_spec(args: RunArgs) -> Result<v1::TaskSpec, Failure> {
-    let workdir = match args.workdir {
-        Some(dir) => std::path::absolute(&dir)
-            .map_err(|e| Failure::usage(format!("--workdir {}: {e}", dir.display())))?,
-        None => std::env::current_dir()
-            .map_err(|e| Failure::failed(format!("current directory: {e}")))?,
-    };
-    let restart = (args.restart.is_some()
-        || args.max_restarts.is_some()
-        || args.backoff_initial.is_some()
-        || args.backoff_max.is_some())
-    .then(|| v1::RestartSpec {
-        policy: args.restart.unwrap_or_default(),
-        backoff_initial: args.backoff_initial.unwrap_or_default(),
-        backoff_max: args.backoff_max.unwrap_or_default(),
-        max_restarts: args.max_restarts,
-        window: String::new(),
-    });
-    let spec = v1::TaskSpec {
-        name: args.name,
-        command: args.command,
-        shell: args.shell,
-        workdir: workdir.to_string_lossy().into_owned(),
-        env: pairs("--env", &args.env)?,
-        labels: pairs("--label", &args.labels)?,
-        resources: args.slots.map(|slots| v1::Resources {
-            slots,
-            ..Default::default()
-        }),
-        placement: (!args.node_labels.is_empty())
-            .then(|| {
-                Ok::<_, Failure>(v1::Placement {
-                    labels: pairs("--node-label", &args.node_labels)?,
-                })
-            })
-            .transpose()?,
-        restart,
-        health: args.heartbeat_timeout.map(|t| v1::HealthSpec {
-            heartbeat_timeout: t,
-            ..Default::default()
-        }),
-        stop: args.grace.map(|grace| v1::StopSpec { grace }),
-        escalation: None,
-        on_disconnect: args.on_disconnect.unwrap_or_default(),
-        user: args.user.unwrap_or_default(),
-    };
-    muster_proto::spec::validate(&spec).map_err(|errors| {
-        Failure::usage(
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
-    Ok(spec)
 }

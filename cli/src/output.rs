@@ -216,31 +216,38 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 pub fn tasks_table(tasks: &[v1::Task], width: usize) -> String {
+    // A flat fleet keeps its narrower table; the parent column comes with the first child.
+    let nested = tasks.iter().any(|t| !t.parent.is_empty());
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".into()
+        } else {
+            s.to_string()
+        }
+    };
     let rows: Vec<Vec<String>> = tasks
         .iter()
         .map(|t| {
             let name = t.spec.as_ref().map_or("", |s| s.name.as_str());
-            vec![
-                name.to_string(),
-                t.state.clone(),
-                if t.node.is_empty() {
-                    "-".into()
-                } else {
-                    t.node.clone()
-                },
+            let mut row = vec![name.to_string(), t.state.clone(), dash(&t.node)];
+            if nested {
+                row.push(dash(&t.parent));
+            }
+            row.extend([
                 t.attempt.to_string(),
                 ago(t.updated_ms),
                 metrics_short(&t.metrics, 4),
                 t.message.clone(),
-            ]
+            ]);
+            row
         })
         .collect();
-    let text = table(
-        &[
-            "NAME", "STATE", "NODE", "ATTEMPT", "SINCE", "METRICS", "MESSAGE",
-        ],
-        &rows,
-    );
+    let mut header = vec!["NAME", "STATE", "NODE"];
+    if nested {
+        header.push("PARENT");
+    }
+    header.extend(["ATTEMPT", "SINCE", "METRICS", "MESSAGE"]);
+    let text = table(&header, &rows);
     // The state column starts after the widest name and two spaces.
     let state_at = rows
         .iter()
@@ -269,19 +276,32 @@ pub fn use_color() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none()
 }
 
+/// The terminal colour of a task state: green, red, magenta or yellow.
+fn state_color(state: &str) -> Option<&'static str> {
+    match state {
+        "running" | "succeeded" => Some("32"),
+        "failed" | "crash_loop" => Some("31"),
+        "needs_help" => Some("35"),
+        "backoff" | "stalled" | "blocked" | "stopping" | "pending" | "starting" => Some("33"),
+        _ => None,
+    }
+}
+
+/// A task state in its colour, for a caller that has checked [`use_color`].
+pub fn painted(state: &str) -> String {
+    match state_color(state) {
+        Some(code) => format!("\x1b[{code}m{state}\x1b[0m"),
+        None => state.to_string(),
+    }
+}
+
 fn paint_state(line: &str, at: usize, state: &str) -> String {
-    let code = match state {
-        "running" | "succeeded" => "32",
-        "failed" | "crash_loop" => "31",
-        "needs_help" => "35",
-        "backoff" | "stalled" | "blocked" | "stopping" | "pending" | "starting" => "33",
-        _ => return line.to_string(),
-    };
     let start: usize = line.char_indices().nth(at).map_or(line.len(), |(b, _)| b);
     match line.get(start..).filter(|rest| rest.starts_with(state)) {
         Some(_) => format!(
-            "{}\x1b[{code}m{state}\x1b[0m{}",
+            "{}{}{}",
             &line[..start],
+            painted(state),
             &line[start + state.len()..]
         ),
         None => line.to_string(),
@@ -406,4 +426,39 @@ pub fn show_task(t: &v1::Task) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(name: &str, parent: &str) -> v1::Task {
+        v1::Task {
+            spec: Some(v1::TaskSpec {
+                name: name.into(),
+                ..Default::default()
+            }),
+            state: "pending".into(),
+            parent: parent.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_parent_column_appears_with_the_first_child() {
+        let flat = tasks_table(&[task("solo", "")], 200);
+        let nested = tasks_table(&[task("boss", ""), task("kid", "boss")], 200);
+
+        assert!(!flat.contains("PARENT"), "{flat}");
+        let header = nested.lines().next().expect("a header line");
+        assert!(
+            header.starts_with("NAME  STATE    NODE  PARENT  ATTEMPT"),
+            "{nested}"
+        );
+        let kid = nested.lines().nth(2).expect("the child's line");
+        assert!(
+            kid.starts_with("kid") && kid.contains("-     boss"),
+            "{nested}"
+        );
+    }
 }

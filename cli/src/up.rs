@@ -215,6 +215,19 @@ fn spawn_daemon(
         .open(&log_path)
         .map_err(|e| Failure::failed(format!("opening {}: {e}", log_path.display())))?;
     let mut command = Command::new(bin);
+    // Tasks start children of their own with `muster`: this very binary comes first on
+    // their PATH.
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        let mut path = std::ffi::OsString::from(dir);
+        if let Some(old) = std::env::var_os("PATH") {
+            path.push(":");
+            path.push(old);
+        }
+        command.env("PATH", path);
+    }
     command
         .args(args)
         .stdin(Stdio::null())
@@ -328,7 +341,13 @@ fn find_example(name: &str) -> Result<PathBuf, Failure> {
 async fn submit_example(client: &mut client::Client, path: &Path) -> Result<Vec<String>, Failure> {
     let specs = crate::load_specs(path)?;
     let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-    match client.submit(v1::SubmitRequest { tasks: specs }).await {
+    match client
+        .submit(v1::SubmitRequest {
+            tasks: specs,
+            parent: String::new(),
+        })
+        .await
+    {
         Ok(_) => eprintln!(
             "muster up: submitted {} tasks from {}",
             names.len(),

@@ -1,9 +1,17 @@
 //! Who may call what: bearer tokens with roles, stored as SHA-256 hashes in the config.
 //! With no token configured the API is open (loopback development); with any, every call
 //! must carry one.
+//!
+//! Tasks get tokens of their own (`MUSTER_TOKEN`): `mtt.TASK.MAC`, where MAC is an
+//! HMAC-SHA256 of the task's name under a key only the controller holds. Such a token is
+//! scoped to the task's subtree, whatever the configured tokens are, so a child submitted
+//! with it always gets its parent link.
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
+
+const TASK_TOKEN_PREFIX: &str = "mtt.";
 
 /// What a caller may do. Each operator role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,6 +68,93 @@ pub struct Auth {
     /// Client certificates are verified against a CA: a certificate's common name
     /// `ROLE:NAME` is an identity, and a caller needs a token or a certificate.
     pub mtls: bool,
+    /// Signs and checks task tokens; set from the controller's data directory.
+    pub task_key: Option<TaskKey>,
+}
+
+/// Who is calling: a person or program with a role, or a task with its subtree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    /// Set for a task's token: the task whose subtree bounds every call.
+    pub task: Option<String>,
+}
+
+impl Caller {
+    fn person(name: String) -> Caller {
+        Caller { name, task: None }
+    }
+}
+
+/// The controller's secret for task tokens.
+#[derive(Clone)]
+pub struct TaskKey([u8; 32]);
+
+impl std::fmt::Debug for TaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TaskKey(..)")
+    }
+}
+
+impl TaskKey {
+    /// Reads the key from `path`, or makes a new random one there (mode 0600).
+    pub fn load_or_create(path: &std::path::Path) -> std::io::Result<TaskKey> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} is not a 32-byte key", path.display()),
+                    )
+                })?;
+                Ok(TaskKey(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                let tmp = path.with_extension("tmp");
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                file.write_all(&key)?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, path)?;
+                Ok(TaskKey(key))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn from_bytes(key: [u8; 32]) -> TaskKey {
+        TaskKey(key)
+    }
+
+    fn mac(&self, task: &str) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key size");
+        mac.update(b"muster task token v1\0");
+        mac.update(task.as_bytes());
+        mac
+    }
+
+    /// The token a task's attempts get as `MUSTER_TOKEN`.
+    pub fn token(&self, task: &str) -> String {
+        let tag = self.mac(task).finalize().into_bytes();
+        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{TASK_TOKEN_PREFIX}{task}.{hex}")
+    }
+
+    /// The task a token was made for, if this key made it.
+    pub fn verify(&self, token: &str) -> Option<String> {
+        let rest = token.strip_prefix(TASK_TOKEN_PREFIX)?;
+        let (task, hex) = rest.rsplit_once('.')?;
+        let tag = parse_hex(hex)?;
+        self.mac(task).verify_slice(&tag).ok()?;
+        Some(task.to_string())
+    }
 }
 
 /// The common name of the client certificate a TLS peer presented, if any.
@@ -78,8 +173,38 @@ pub fn peer_common_name<T>(request: &Request<T>) -> Option<String> {
 }
 
 impl Auth {
-    /// The caller's name if the request may do what `need` allows.
+    /// The caller if the request may do what `need` allows. A task's token passes for
+    /// viewer and operator calls; what it may touch is its subtree, checked by the caller
+    /// of this function against the tree.
+    pub fn identify<T>(&self, request: &Request<T>, need: Role) -> Result<Caller, Status> {
+        if let Some(token) = bearer(request)?.filter(|t| t.starts_with(TASK_TOKEN_PREFIX)) {
+            let task = self
+                .task_key
+                .as_ref()
+                .and_then(|key| key.verify(token))
+                .ok_or_else(|| Status::unauthenticated("unknown task token"))?;
+            if need > Role::Operator {
+                return Err(Status::permission_denied(format!(
+                    "the token of task {task} may only act on its own subtree; this call needs {}",
+                    need.as_str()
+                )));
+            }
+            return Ok(Caller {
+                name: format!("task:{task}"),
+                task: Some(task),
+            });
+        }
+        self.check(request, need).map(Caller::person)
+    }
+
+    /// The caller's name if the request may do what `need` allows; task tokens are refused.
     pub fn check<T>(&self, request: &Request<T>, need: Role) -> Result<String, Status> {
+        if bearer(request)?.is_some_and(|t| t.starts_with(TASK_TOKEN_PREFIX)) {
+            return Err(Status::permission_denied(format!(
+                "a task's token cannot make this call (it needs {})",
+                need.as_str()
+            )));
+        }
         let header = request.metadata().get("authorization");
         if header.is_none() || self.tokens.is_empty() {
             if let Some(cn) = peer_common_name(request).filter(|_| self.mtls) {
@@ -130,6 +255,22 @@ impl Auth {
     }
 }
 
+/// The bearer token of a request, if it carries an authorization header.
+fn bearer<T>(request: &Request<T>) -> Result<Option<&str>, Status> {
+    let Some(header) = request.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(|t| Some(t.trim()))
+        .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer TOKEN`"))
+}
+
 /// A verified client certificate's `ROLE:NAME` as a caller.
 fn check_certificate(cn: &str, need: Role) -> Result<String, Status> {
     let (role, name) = cn.split_once(':').ok_or_else(|| {
@@ -174,6 +315,7 @@ mod tests {
     fn auth() -> Auth {
         Auth {
             mtls: false,
+            task_key: None,
             tokens: vec![
                 Token {
                     name: "vera".into(),
@@ -194,6 +336,47 @@ mod tests {
         r.metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         r
+    }
+
+    #[test]
+    fn task_tokens_name_their_task_and_nothing_else() {
+        let mut a = auth();
+        a.task_key = Some(TaskKey::from_bytes([7; 32]));
+        let token = a.task_key.as_ref().unwrap().token("plan.v2");
+        let caller = a.identify(&with_token(&token), Role::Operator).unwrap();
+        assert_eq!(caller.task.as_deref(), Some("plan.v2"));
+        assert_eq!(
+            a.identify(&with_token(&token), Role::Admin)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        // Calls outside the subtree model (nodes, admin) refuse it outright.
+        assert_eq!(
+            a.check(&with_token(&token), Role::Viewer)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        // Another key's token, a renamed task and a cut MAC are all unknown.
+        let other = TaskKey::from_bytes([8; 32]).token("plan.v2");
+        let renamed = token.replacen("plan.v2", "plan.v3", 1);
+        for bad in [other, renamed, token[..token.len() - 2].to_string()] {
+            assert_eq!(
+                a.identify(&with_token(&bad), Role::Viewer)
+                    .unwrap_err()
+                    .code(),
+                tonic::Code::Unauthenticated,
+                "{bad}"
+            );
+        }
+        // A configured person's token still works through identify.
+        assert_eq!(
+            a.identify(&with_token("o-token"), Role::Operator)
+                .unwrap()
+                .task,
+            None
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ struct TokenSection {
 struct AlertsSection {
     group_window: Option<String>,
     remind_every: Option<String>,
+    parent_timeout: Option<String>,
     slack: Option<SlackSection>,
     pagerduty: Option<PagerDutySection>,
     #[serde(default)]
@@ -117,6 +118,10 @@ pub struct Alerts {
     pub group_window: Duration,
     /// Open, unacknowledged notifications are repeated this often (zero: never).
     pub remind_every: Duration,
+    /// An incident of a task with a living parent goes to the parent first; people are told
+    /// only if the parent has not acknowledged it within this time (zero: at once). A
+    /// task's `escalation.parent_timeout` overrides it.
+    pub parent_timeout: Duration,
     pub slack: Option<Slack>,
     pub pagerduty: Option<PagerDuty>,
     /// Empty: every incident goes to every configured destination.
@@ -128,6 +133,7 @@ impl Default for Alerts {
         Alerts {
             group_window: Duration::from_secs(1),
             remind_every: Duration::from_secs(30 * 60),
+            parent_timeout: Duration::from_secs(5 * 60),
             slack: None,
             pagerduty: None,
             routes: Vec::new(),
@@ -325,6 +331,12 @@ fn parse_alerts(a: AlertsSection, out: &mut Alerts, errors: &mut Vec<String>) {
         "alerts.remind_every",
         a.remind_every,
         out.remind_every,
+        true,
+    );
+    out.parent_timeout = duration(
+        "alerts.parent_timeout",
+        a.parent_timeout,
+        out.parent_timeout,
         true,
     );
     if let Some(s) = a.slack {

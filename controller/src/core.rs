@@ -11,6 +11,7 @@ mod metrics;
 mod nodes;
 mod rules;
 mod tasks;
+mod tree;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -123,6 +124,8 @@ enum Check {
     Reschedule,
     /// Write the latest report of a task whose reports were skipped by sampling.
     Sample,
+    /// The wall-clock budget of a task's subtree is due.
+    Budget,
 }
 
 /// What one batch produced, released only after it is durable.
@@ -168,6 +171,16 @@ pub struct Core {
     partition_since: Option<Instant>,
     /// Recently resolved incidents, for `incidents --all` and repeated resolves.
     resolved: std::collections::BTreeMap<u64, Incident>,
+    /// Children of each task, oldest first.
+    children: HashMap<String, Vec<String>>,
+    /// Tasks ever created below each task.
+    descendant_counts: HashMap<String, u32>,
+    /// Recent automatic restarts in the subtree of each task with a restart intensity.
+    restart_times: HashMap<String, VecDeque<Instant>>,
+    /// Parent links shared with the API edge.
+    lineage: Arc<crate::lineage::Lineage>,
+    /// Signs the tokens tasks get as MUSTER_TOKEN.
+    task_key: Option<crate::auth::TaskKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +236,11 @@ impl Core {
             resolved: Default::default(),
             partition_since: None,
             metrics: metrics::Counters::default(),
+            children: HashMap::new(),
+            descendant_counts: HashMap::new(),
+            restart_times: HashMap::new(),
+            lineage: Arc::default(),
+            task_key: None,
             store,
         };
         for mut task in loaded.tasks {
@@ -231,6 +249,25 @@ impl Core {
                 core.pending.push_back(task.name().to_string());
             }
             core.tasks.insert(task.name().to_string(), task);
+        }
+        let mut links: Vec<(i64, String, String)> = core
+            .tasks
+            .values()
+            .filter(|t| !t.parent.is_empty())
+            .map(|t| (t.created_ms, t.name().to_string(), t.parent.clone()))
+            .collect();
+        links.sort();
+        for (_, child, parent) in links {
+            core.link(&child, &parent);
+        }
+        let budgeted: Vec<String> = core
+            .tasks
+            .values()
+            .filter(|t| t.spec.limits.as_ref().is_some_and(|l| !l.budget.is_empty()))
+            .map(|t| t.name().to_string())
+            .collect();
+        for name in budgeted {
+            core.schedule_budget(&name);
         }
         let max_group = loaded.meta.get("max_group").copied().unwrap_or(0) as u64;
         let max_delivery = loaded.meta.get("max_delivery").copied().unwrap_or(0) as u64;
@@ -291,6 +328,17 @@ impl Core {
             "state loaded"
         );
         Ok(core)
+    }
+
+    /// Gives the core the key that signs task tokens.
+    pub fn with_task_key(mut self, key: crate::auth::TaskKey) -> Core {
+        self.task_key = Some(key);
+        self
+    }
+
+    /// The parent links, for the API edge.
+    pub fn lineage(&self) -> Arc<crate::lineage::Lineage> {
+        self.lineage.clone()
     }
 
     /// Starts the core on its own thread, reading `rx` (from [`CoreHandle::channel`]).
@@ -373,6 +421,17 @@ impl Core {
     /// decided to do.
     fn commit(&mut self) -> Result<(), CoreError> {
         let mut batch = std::mem::take(&mut self.batch);
+        for event in &mut batch.events {
+            // Every event about a task in a tree names its parent and root.
+            if event.parent.is_empty() && !event.task.is_empty() {
+                if let Some(t) = self.tasks.get(&event.task) {
+                    if !t.parent.is_empty() {
+                        event.parent = t.parent.clone();
+                        event.root = t.root.clone();
+                    }
+                }
+            }
+        }
         self.inbox.number(&mut batch.events);
         let changes = Changes {
             tasks: batch
@@ -405,6 +464,7 @@ impl Core {
                 .observe(appending.elapsed().as_secs_f64());
             self.metrics.events += batch.events.len() as u64;
         }
+        self.deliver_to_ancestors(&batch.events);
         self.inbox.publish(batch.events);
         for notice in batch.notices {
             match self.alerts.queues.get(&notice.dest) {
@@ -437,6 +497,42 @@ impl Core {
             action();
         }
         Ok(())
+    }
+
+    /// Copies each event about a task in a tree to the nodes running the task's ancestors,
+    /// for their `$MUSTER_INBOX` files. Events of a moment when an ancestor's node is away are
+    /// not copied later; the controller's inbox has them all.
+    fn deliver_to_ancestors(&mut self, events: &[Event]) {
+        let mut lines: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for event in events.iter().filter(|e| !e.parent.is_empty()) {
+            let mut line = None;
+            for ancestor in self.ancestors(&event.task) {
+                let Some(t) = self.tasks.get(&ancestor) else {
+                    continue;
+                };
+                if !t.state.holds_node() || t.node.is_empty() {
+                    continue;
+                }
+                let line = line.get_or_insert_with(|| {
+                    serde_json::to_string(event).expect("events serialize")
+                });
+                lines
+                    .entry((t.node.clone(), ancestor))
+                    .or_default()
+                    .push(line.clone());
+            }
+        }
+        for ((node, task), lines) in lines {
+            let message = v1::ControllerMessage {
+                body: Some(v1::controller_message::Body::Deliver(v1::Deliver {
+                    task,
+                    lines,
+                })),
+            };
+            if let Some(session) = self.nodes.get(&node).and_then(|n| n.session.clone()) {
+                self.send_now(&session, message);
+            }
+        }
     }
 
     fn send_now(&mut self, session: &SessionHandle, message: v1::ControllerMessage) {

@@ -50,6 +50,16 @@ impl Severity {
             Severity::Critical => "critical",
         }
     }
+
+    /// The severity a name stands for; unknown names are errors.
+    pub fn from_name(name: &str) -> Severity {
+        match name {
+            "info" => Severity::Info,
+            "warning" => Severity::Warning,
+            "critical" => Severity::Critical,
+            _ => Severity::Error,
+        }
+    }
 }
 
 impl Event {

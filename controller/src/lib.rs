@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod event;
 pub mod inbox;
+pub mod lineage;
 pub mod model;
 pub mod service;
 pub mod store;
@@ -106,12 +107,19 @@ impl Controller {
             options.settings.inbox_segment_bytes,
         )?);
         let store = Store::open(&dir.join("state.db"))?;
+        let key_path = dir.join("task-token.key");
+        let task_key =
+            auth::TaskKey::load_or_create(&key_path).map_err(|source| StartError::DataDir {
+                path: key_path.clone(),
+                source,
+            })?;
         let core = Core::open(
             options.settings.core.clone(),
             options.settings.alerts.clone(),
             store,
             inbox.clone(),
-        )?;
+        )?
+        .with_task_key(task_key.clone());
         let listener =
             TcpListener::bind(&options.listen)
                 .await
@@ -142,6 +150,7 @@ impl Controller {
         };
         let mut auth = options.settings.auth;
         auth.mtls = options.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        auth.task_key = Some(task_key.clone());
         Ok(Controller {
             listener,
             core,
@@ -181,6 +190,7 @@ impl Controller {
             );
         }
         let mut state = self.core;
+        let lineage = state.lineage();
         state.attach_alert_queues(queues);
         let core_thread = state.spawn(inputs);
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -204,6 +214,7 @@ impl Controller {
             core.clone(),
             self.inbox.clone(),
             self.auth.clone(),
+            lineage,
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let nodes = NodeServiceServer::new(service::node::NodeSessions::new(

@@ -361,6 +361,9 @@ pub struct Incident {
     pub opened_ms: i64,
     pub updated_ms: i64,
     pub resolved_ms: i64,
+    /// Unix ms when an incident held for the task's parent goes to people unless the
+    /// parent acknowledged it; 0 when it is not held (any more).
+    pub escalate_ms: i64,
 }
 
 impl Incident {

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE TABLE IF NOT EXISTS incidents (
     id INTEGER PRIMARY KEY, task TEXT NOT NULL, node TEXT NOT NULL, reason TEXT NOT NULL,
     state TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL,
-    opened_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, resolved_ms INTEGER NOT NULL);
+    opened_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, resolved_ms INTEGER NOT NULL,
+    escalate_ms INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, instance TEXT NOT NULL, acked_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS node_flags (name TEXT PRIMARY KEY, cordoned INTEGER NOT NULL);
@@ -95,6 +96,16 @@ impl Store {
         // Every commit is durable before the controller acts on it (one fsync per batch).
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        // Databases from before task trees lack the parent escalation deadline.
+        let has_escalate: bool = conn
+            .prepare("SELECT COUNT(*) FROM pragma_table_info('incidents') WHERE name = 'escalate_ms'")?
+            .query_row([], |r| r.get::<_, i64>(0))?
+            > 0;
+        if !has_escalate {
+            conn.execute_batch(
+                "ALTER TABLE incidents ADD COLUMN escalate_ms INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
         Ok(Store { conn })
     }
 
@@ -136,7 +147,7 @@ impl Store {
 
         let incidents = self
             .conn
-            .prepare("SELECT id, task, node, reason, state, severity, message, opened_ms, updated_ms, resolved_ms FROM incidents WHERE state != 'resolved' OR id IN (SELECT id FROM incidents WHERE state = 'resolved' ORDER BY id DESC LIMIT 10000)")?
+            .prepare("SELECT id, task, node, reason, state, severity, message, opened_ms, updated_ms, resolved_ms, escalate_ms FROM incidents WHERE state != 'resolved' OR id IN (SELECT id FROM incidents WHERE state = 'resolved' ORDER BY id DESC LIMIT 10000)")?
             .query_map([], |r| {
                 Ok(Incident {
                     id: r.get::<_, i64>(0)? as u64,
@@ -149,6 +160,7 @@ impl Store {
                     opened_ms: r.get(7)?,
                     updated_ms: r.get(8)?,
                     resolved_ms: r.get(9)?,
+                    escalate_ms: r.get(10)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -254,7 +266,7 @@ impl Store {
                 ])?;
             }
             let mut put_incident = tx.prepare_cached(
-                "INSERT OR REPLACE INTO incidents VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT OR REPLACE INTO incidents VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
             for i in &changes.incidents {
                 put_incident.execute(params![
@@ -267,7 +279,8 @@ impl Store {
                     i.message,
                     i.opened_ms,
                     i.updated_ms,
-                    i.resolved_ms
+                    i.resolved_ms,
+                    i.escalate_ms
                 ])?;
             }
             let mut put_node =

@@ -69,6 +69,8 @@ pub struct Context {
     pub task_data_root: Option<PathBuf>,
     pub token: Option<String>,
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The controller's CA file, handed to children as MUSTER_CA for their own calls.
+    pub tls_ca: Option<PathBuf>,
     pub keeper: Arc<keeper::client::Keeper>,
     /// A random id made once per data dir.
     pub data_dir_id: String,
@@ -120,6 +122,11 @@ impl Context {
     /// data dir's own id keeps two agents of one machine apart even with one node name.
     pub fn key_prefix(&self) -> String {
         format!("muster:{}:{}:", self.node, self.data_dir_id)
+    }
+
+    /// The task's `MUSTER_INBOX`: events about its descendants, one JSON line each.
+    pub fn task_inbox(&self, task: &str) -> PathBuf {
+        self.task_dir(task).join("inbox.jsonl")
     }
 
     /// The task's `MUSTER_DATA_DIR`, kept across restarts.
@@ -256,6 +263,7 @@ impl Agent {
         };
         let keeper = Arc::new(keeper::client::Keeper::connect_or_start(&config.data_dir).await?);
         let data_dir_id = data_dir_id(&config.data_dir);
+        let tls_ca = config.tls.as_ref().map(|t| t.ca.clone());
         let ctx = Arc::new(Context {
             node: config.name,
             controller: config.controller,
@@ -267,6 +275,7 @@ impl Agent {
             task_data_root: config.task_data_root,
             token: config.token,
             tls,
+            tls_ca,
             keeper,
             data_dir_id,
             // Until a Welcome says otherwise: the controller's default lease.

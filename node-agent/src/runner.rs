@@ -580,7 +580,17 @@ impl Runner {
                     .into_owned(),
             ),
             ("MUSTER_CONTROLLER".into(), self.ctx.controller.clone()),
+            (
+                "MUSTER_INBOX".into(),
+                self.ctx
+                    .task_inbox(&self.spec.name)
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
         ]);
+        if let Some(ca) = &self.ctx.tls_ca {
+            env.push(("MUSTER_CA".into(), ca.to_string_lossy().into_owned()));
+        }
         env
     }
 

@@ -128,7 +128,12 @@ fn submit_over_grpc(url: &str, tasks: Vec<v1::TaskSpec>) -> Result<Vec<String>, 
             .await
             .expect("connecting to the controller");
         let mut client = v1::fleet_service_client::FleetServiceClient::new(channel);
-        let response = client.submit(v1::SubmitRequest { tasks }).await?;
+        let response = client
+            .submit(v1::SubmitRequest {
+                tasks,
+                parent: String::new(),
+            })
+            .await?;
         Ok(response.into_inner().names)
     })
 }

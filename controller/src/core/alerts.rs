@@ -222,6 +222,7 @@ impl Core {
 
     /// Seals groups whose window passed and sends due reminders. Called every loop turn.
     pub(super) fn alert_tick(&mut self) {
+        self.escalate_unacked();
         let now = now_ms();
         let window = self.alert_config.group_window.as_millis() as i64;
         let due: Vec<u64> = self
@@ -295,6 +296,7 @@ impl Core {
             .forming
             .values()
             .map(|g| self.alerts.groups[g].created_ms + window)
+            .chain(self.escalate_deadline_ms())
             .min()
     }
 

@@ -23,6 +23,11 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
+    PermissionDenied(String),
+    /// A subtree limit refused the request.
+    #[error("{0}")]
+    LimitReached(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -32,7 +37,11 @@ pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 pub enum Request {
     Submit {
         specs: Vec<v1::TaskSpec>,
+        /// The requested parent (empty: none, or the calling task).
+        parent: String,
         caller: String,
+        /// A task's token bounds the request to that task's subtree.
+        scope: Option<String>,
         reply: Reply<Vec<String>>,
     },
     Get {
@@ -64,11 +73,13 @@ pub enum Request {
         id: u64,
         acked: bool,
         caller: String,
+        scope: Option<String>,
         reply: Reply<v1::Incident>,
     },
     Resolve {
         id: u64,
         caller: String,
+        scope: Option<String>,
         reply: Reply<v1::Incident>,
     },
     Log {
@@ -99,10 +110,12 @@ impl Core {
         match request {
             Request::Submit {
                 specs,
+                parent,
                 caller,
+                scope,
                 reply,
             } => {
-                let result = self.submit(specs, &caller);
+                let result = self.submit(specs, &parent, &caller, scope.as_deref());
                 self.reply(reply, result);
             }
             Request::Get { name, reply } => {
@@ -149,13 +162,23 @@ impl Core {
                 id,
                 acked,
                 caller,
+                scope,
                 reply,
             } => {
-                let result = self.ack(id, &caller, acked);
+                let result = self
+                    .incident_in_scope(id, scope.as_deref())
+                    .and_then(|()| self.ack(id, &caller, acked));
                 self.reply(reply, result);
             }
-            Request::Resolve { id, caller, reply } => {
-                let result = self.resolve_request(id, &caller);
+            Request::Resolve {
+                id,
+                caller,
+                scope,
+                reply,
+            } => {
+                let result = self
+                    .incident_in_scope(id, scope.as_deref())
+                    .and_then(|()| self.resolve_request(id, &caller));
                 self.reply(reply, result);
             }
             Request::Log { request, reply } => self.log(request, reply),
@@ -191,8 +214,42 @@ impl Core {
         }));
     }
 
-    fn submit(&mut self, specs: Vec<v1::TaskSpec>, caller: &str) -> Result<Vec<String>, ApiError> {
+    /// A task's token may act on the incidents of its descendants only.
+    fn incident_in_scope(&self, id: u64, scope: Option<&str>) -> Result<(), ApiError> {
+        let Some(scope) = scope else {
+            return Ok(());
+        };
+        let task = self
+            .incidents
+            .get(&id)
+            .or_else(|| self.resolved.get(&id))
+            .map(|i| i.task.as_str())
+            .ok_or_else(|| ApiError::NotFound(format!("incident {id} not found")))?;
+        if task.is_empty() || !self.lineage.below(task, scope) {
+            return Err(ApiError::PermissionDenied(format!(
+                "incident {id} is not about a descendant of task {scope}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn submit(
+        &mut self,
+        specs: Vec<v1::TaskSpec>,
+        parent: &str,
+        caller: &str,
+        scope: Option<&str>,
+    ) -> Result<Vec<String>, ApiError> {
         // All or nothing: check every spec before changing anything.
+        let parent = self.parent_for(parent, scope)?;
+        if !parent.is_empty() {
+            self.check_limits(&parent, specs.len() as u32)?;
+        }
+        let root = self
+            .tasks
+            .get(&parent)
+            .map(|p| p.root.clone())
+            .unwrap_or_default();
         let mut names = std::collections::HashSet::new();
         for spec in &specs {
             if self.tasks.contains_key(&spec.name) {
@@ -212,8 +269,10 @@ impl Core {
         let mut out = Vec::with_capacity(specs.len());
         for spec in specs {
             let name = spec.name.clone();
-            let task = TaskRecord::new(spec, String::new(), String::new(), now);
+            let task = TaskRecord::new(spec, parent.clone(), root.clone(), now);
             self.tasks.insert(name.clone(), task);
+            self.link(&name, &parent);
+            self.schedule_budget(&name);
             self.touch(&name);
             self.pending.push_back(name.clone());
             let command = self.tasks[&name].spec.command.join(" ");
@@ -256,6 +315,7 @@ impl Core {
             .filter(|t| filter.node.is_empty() || t.node == filter.node)
             .filter(|t| filter.parent.is_empty() || t.parent == filter.parent)
             .filter(|t| filter.root.is_empty() || t.root == filter.root)
+            .filter(|t| filter.subtree.is_empty() || self.lineage.within(t.name(), &filter.subtree))
             .filter(|t| {
                 filter
                     .labels
@@ -298,21 +358,24 @@ impl Core {
         if state.is_final() {
             return Ok(task.to_proto());
         }
-        self.operator_action(caller, "stop", name);
-        if state.holds_node() {
-            self.request_stop(name, "operator");
-        } else {
-            // pending or crash_loop: nothing runs, it stops here.
-            self.pending.retain(|p| p != name);
-            let task = self.tasks.get_mut(name).expect("task exists");
-            task.set_state(TaskState::Stopped, "operator");
-            self.touch(name);
-            let event = self
-                .task_event(name, "task.stopped", Severity::Info, "stopped (operator)")
-                .with("reason", "operator");
-            self.emit(event);
-            self.resolve_task_incidents(name, "task stopped by an operator");
+        // The whole subtree stops, `keep` children too: the operator asked for all of it.
+        let descendants = self.descendants(name);
+        let event = self
+            .task_event(
+                name,
+                "operator.action",
+                Severity::Info,
+                format!("{caller}: stop {name}"),
+            )
+            .with("action", "stop")
+            .with("caller", caller)
+            .with("reason", "operator")
+            .with("subtree", descendants.len());
+        self.emit(event);
+        for task in descendants.iter().rev() {
+            self.stop_one(task, "operator");
         }
+        self.stop_one(name, "operator");
         Ok(self.tasks[name].to_proto())
     }
 
@@ -328,19 +391,22 @@ impl Core {
             TaskState::Pending => return Ok(task.to_proto()),
             _ => {}
         }
-        self.operator_action(caller, "restart", name);
-        self.resolve_task_incidents(name, "restarted by an operator");
-        if state.holds_node() {
-            // Running, or in backoff on its node: the node starts the next attempt now.
-            self.request_restart(name, "operator");
-        } else {
-            // Final or crash loop: place it again, fresh.
-            let task = self.tasks.get_mut(name).expect("task exists");
-            task.set_state(TaskState::Pending, "operator");
-            task.stop_reason.clear();
-            self.touch(name);
-            self.pending.push_back(name.to_string());
-            self.batch.place = true;
+        let descendants = self.descendants(name);
+        let event = self
+            .task_event(
+                name,
+                "operator.action",
+                Severity::Info,
+                format!("{caller}: restart {name}"),
+            )
+            .with("action", "restart")
+            .with("caller", caller)
+            .with("reason", "operator")
+            .with("subtree", descendants.len());
+        self.emit(event);
+        self.restart_one(name);
+        for task in descendants {
+            self.restart_one(&task);
         }
         Ok(self.tasks[name].to_proto())
     }

@@ -50,6 +50,7 @@ impl Core {
                 Check::Progress => self.check_progress(&name, now),
                 Check::Reschedule => self.check_reschedule(&name),
                 Check::Sample => self.write_latest_report(&name),
+                Check::Budget => self.check_budget(&name),
             }
         }
     }

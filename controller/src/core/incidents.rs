@@ -37,6 +37,8 @@ impl Core {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| severity.as_str().to_string());
 
+        // A task with a living parent tells the parent first; people only after its timeout.
+        let parent_hold = self.parent_hold(task);
         let id = self.next_incident;
         self.next_incident += 1;
         self.batch
@@ -53,22 +55,96 @@ impl Core {
             opened_ms: now,
             updated_ms: now,
             resolved_ms: 0,
+            escalate_ms: parent_hold
+                .as_ref()
+                .map_or(0, |(_, wait)| now + wait.as_millis() as i64),
         };
         let event = if task.is_empty() {
             Event::new("incident.opened", severity, message).node(node)
         } else {
             self.task_event(task, "incident.opened", severity, message)
         };
-        self.emit(
-            event
-                .with("incident", id)
-                .with("reason", reason)
-                .with("severity", severity_name),
-        );
+        let mut event = event
+            .with("incident", id)
+            .with("reason", reason)
+            .with("severity", severity_name);
+        if let Some((parent, wait)) = &parent_hold {
+            event = event
+                .with("escalate_to", parent.clone())
+                .with("parent_timeout_ms", wait.as_millis() as u64);
+        }
+        self.emit(event);
         self.batch.incidents.push(incident.clone());
         self.open_incidents.insert(key, id);
         self.incidents.insert(id, incident);
-        self.alert_opened(id);
+        if parent_hold.is_none() {
+            self.alert_opened(id);
+        }
+    }
+
+    /// The living parent an incident of `task` goes to first, and how long it has to
+    /// acknowledge it; None when people are to be told at once.
+    fn parent_hold(&self, task: &str) -> Option<(String, std::time::Duration)> {
+        let record = self.tasks.get(task)?;
+        let parent = self.tasks.get(&record.parent)?;
+        if !super::tree::living(parent.state) {
+            return None;
+        }
+        let wait = record
+            .spec
+            .escalation
+            .as_ref()
+            .and_then(|e| muster_proto::duration::parse(&e.parent_timeout).ok())
+            .unwrap_or(self.alert_config.parent_timeout);
+        (!wait.is_zero()).then(|| (record.parent.clone(), wait))
+    }
+
+    /// Incidents their task's parent did not acknowledge in time go to people now.
+    pub(super) fn escalate_unacked(&mut self) {
+        let now = now_ms();
+        let due: Vec<u64> = self
+            .incidents
+            .values()
+            .filter(|i| i.escalate_ms > 0 && i.escalate_ms <= now && i.state == "open")
+            .map(|i| i.id)
+            .collect();
+        for id in due {
+            let incident = self.incidents.get_mut(&id).expect("due incident exists");
+            incident.escalate_ms = 0;
+            let incident = incident.clone();
+            self.batch.incidents.push(incident.clone());
+            let parent = self
+                .tasks
+                .get(&incident.task)
+                .map(|t| t.parent.clone())
+                .unwrap_or_default();
+            tracing::info!(
+                incident = id,
+                task = incident.task.as_str(),
+                parent = parent.as_str(),
+                "parent did not acknowledge an incident in time; telling people"
+            );
+            let event = self
+                .task_event(
+                    &incident.task,
+                    "incident.escalated",
+                    Severity::from_name(&incident.severity),
+                    format!("incident {id} not acknowledged by {parent} in time: telling people"),
+                )
+                .with("incident", id)
+                .with("reason", incident.reason.clone());
+            self.emit(event);
+            self.alert_opened(id);
+        }
+    }
+
+    /// The earliest moment an incident held for a parent is due, in Unix ms.
+    pub(super) fn escalate_deadline_ms(&self) -> Option<i64> {
+        self.incidents
+            .values()
+            .filter(|i| i.escalate_ms > 0 && i.state == "open")
+            .map(|i| i.escalate_ms)
+            .min()
     }
 
     pub(super) fn resolve_incident(&mut self, task: &str, node: &str, reason: &str, why: &str) {

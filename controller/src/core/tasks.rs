@@ -133,10 +133,15 @@ impl Core {
 
     pub(super) fn start_command(&self, name: &str) -> Action {
         let task = &self.tasks[name];
+        let mut env = std::collections::HashMap::new();
+        if let Some(key) = &self.task_key {
+            // Lets the task start and manage children of its own, and nothing else.
+            env.insert("MUSTER_TOKEN".to_string(), key.token(name));
+        }
         Action::Start(v1::StartTask {
             spec: Some(task.spec.clone()),
             attempt: task.attempt,
-            env: Default::default(),
+            env,
         })
     }
 
@@ -290,6 +295,7 @@ impl Core {
                     let task = self.tasks.get_mut(name).expect("task exists");
                     task.message = "restart held: an incident of this task is acknowledged (muster ack ID --undo, or resolve it)".into();
                 }
+                let over_intensity = self.count_restart(name);
                 let event = self
                     .task_event(
                         name,
@@ -301,6 +307,10 @@ impl Core {
                     .with("backoff_ms", exited.backoff_ms)
                     .with("restarts_in_window", exited.restarts_in_window);
                 self.emit(event);
+                if over_intensity && self.tasks[name].state != TaskState::Stopping {
+                    // Its subtree restarted too often: it waits for a person instead.
+                    self.request_stop(name, super::tree::RESTART_INTENSITY);
+                }
             }
             "crash_loop" => {
                 let max = self.tasks[name].rules.restart.max_restarts;
@@ -332,6 +342,9 @@ impl Core {
             _ => self.on_settled(name, attempt, "stopped", &exited.reason),
         }
         self.touch(name);
+        if !super::tree::living(self.tasks[name].state) {
+            self.task_ended(name);
+        }
     }
 
     /// The task ended by request (stop, controller health action, node shutdown).
@@ -353,18 +366,7 @@ impl Core {
         match stop_reason.as_str() {
             // Stops the controller decided for health (metric_nan, a rule) end failed;
             // stops asked for by an operator or a shutdown end stopped.
-            reason
-                if !matches!(
-                    reason,
-                    "operator"
-                        | "shutdown"
-                        | "fenced"
-                        | "node_shutdown"
-                        | "lease_expired"
-                        | "node_drain"
-                        | ""
-                ) =>
-            {
+            reason if !ends_stopped(reason) => {
                 let message = format!("stopped for {reason}");
                 self.release(name, TaskState::Failed, reason);
                 let event = self
@@ -395,6 +397,9 @@ impl Core {
             }
         }
         self.touch(name);
+        if !super::tree::living(self.tasks[name].state) {
+            self.task_ended(name);
+        }
     }
 
     /// Moves a task off its node into `state`, freeing its resources.
@@ -618,6 +623,22 @@ impl Core {
         };
         self.command(&node, Action::Restart(restart));
     }
+}
+
+/// Whether a stop for `reason` ends the task `stopped` (asked for by a person, a shutdown or
+/// the tree); stops the controller decided for health end it `failed`.
+pub(super) fn ends_stopped(reason: &str) -> bool {
+    matches!(
+        reason,
+        "operator"
+            | "shutdown"
+            | "fenced"
+            | "node_shutdown"
+            | "lease_expired"
+            | "node_drain"
+            | "parent_ended"
+            | ""
+    )
 }
 
 /// The first watched metric that is NaN or infinite; an empty watch list watches all.

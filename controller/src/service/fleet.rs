@@ -11,10 +11,11 @@ use tonic::{Request, Response, Status};
 use muster_proto::spec;
 use muster_proto::v1::{self, fleet_service_server::FleetService};
 
-use crate::auth::{Auth, Role};
+use crate::auth::{Auth, Caller, Role};
 use crate::core::{self as core_, ApiError, CoreHandle, Input};
 use crate::event::Event;
 use crate::inbox::Inbox;
+use crate::lineage::Lineage;
 
 /// Events one Watch may lag behind before it is cut off with a resume point.
 const WATCH_BUFFER: usize = 1024;
@@ -24,11 +25,60 @@ pub struct Fleet {
     core: CoreHandle,
     inbox: Arc<Inbox>,
     auth: Arc<Auth>,
+    lineage: Arc<Lineage>,
 }
 
 impl Fleet {
-    pub fn new(core: CoreHandle, inbox: Arc<Inbox>, auth: Arc<Auth>) -> Self {
-        Fleet { core, inbox, auth }
+    pub fn new(
+        core: CoreHandle,
+        inbox: Arc<Inbox>,
+        auth: Arc<Auth>,
+        lineage: Arc<Lineage>,
+    ) -> Self {
+        Fleet {
+            core,
+            inbox,
+            auth,
+            lineage,
+        }
+    }
+
+    /// The subtree a read is bounded to: the one asked for, which a task's token must keep
+    /// within its own subtree (and gets by default).
+    fn bound(&self, caller: &Caller, subtree: String) -> Result<String, Status> {
+        match &caller.task {
+            Some(task) if subtree.is_empty() => Ok(task.clone()),
+            Some(task) if !self.lineage.within(&subtree, task) => {
+                Err(Status::permission_denied(format!(
+                    "the token of task {task} may read only its own subtree, not {subtree}"
+                )))
+            }
+            _ => Ok(subtree),
+        }
+    }
+
+    /// A task's token may read its own subtree.
+    fn may_read(&self, caller: &Caller, task: &str) -> Result<(), Status> {
+        match &caller.task {
+            Some(scope) if !self.lineage.within(task, scope) => {
+                Err(Status::permission_denied(format!(
+                    "the token of task {scope} may read only its own subtree, not {task}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A task's token may stop, restart and signal its descendants, not itself.
+    fn may_act(&self, caller: &Caller, task: &str) -> Result<(), Status> {
+        match &caller.task {
+            Some(scope) if !self.lineage.below(task, scope) => {
+                Err(Status::permission_denied(format!(
+                    "the token of task {scope} may act only on its descendants, not on {task}"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn ask<T>(
@@ -56,6 +106,8 @@ fn status(e: ApiError) -> Status {
         ApiError::Invalid(m) => Status::invalid_argument(m),
         ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
         ApiError::Unavailable(m) => Status::unavailable(m),
+        ApiError::PermissionDenied(m) => Status::permission_denied(m),
+        ApiError::LimitReached(m) => Status::resource_exhausted(m),
         ApiError::Internal(m) => Status::internal(m),
     }
 }
@@ -103,8 +155,11 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
-        let caller = self.auth.check(&request, Role::Operator)?;
-        let specs = request.into_inner().tasks;
+        let caller = self.auth.identify(&request, Role::Operator)?;
+        let v1::SubmitRequest { tasks: specs, parent } = request.into_inner();
+        if !parent.is_empty() {
+            check_task_name("parent", &parent)?;
+        }
         if specs.is_empty() {
             return Err(Status::invalid_argument(
                 "tasks is empty: submit at least one task",
@@ -134,7 +189,9 @@ impl FleetService for Fleet {
         let names = self
             .ask(|reply| core_::Request::Submit {
                 specs,
-                caller,
+                parent,
+                caller: caller.name,
+                scope: caller.task,
                 reply,
             })
             .await?;
@@ -145,9 +202,10 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::GetTaskRequest>,
     ) -> Result<Response<v1::Task>, Status> {
-        self.auth.check(&request, Role::Viewer)?;
+        let caller = self.auth.identify(&request, Role::Viewer)?;
         let name = request.into_inner().name;
         check_task_name("name", &name)?;
+        self.may_read(&caller, &name)?;
         let task = self
             .ask(|reply| core_::Request::Get { name, reply })
             .await?;
@@ -158,8 +216,9 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::ListTasksRequest>,
     ) -> Result<Response<v1::ListTasksResponse>, Status> {
-        self.auth.check(&request, Role::Viewer)?;
-        let filter = request.into_inner();
+        let caller = self.auth.identify(&request, Role::Viewer)?;
+        let mut filter = request.into_inner();
+        filter.subtree = self.bound(&caller, std::mem::take(&mut filter.subtree))?;
         if !filter.state.is_empty() && crate::model::TaskState::parse(&filter.state).is_none() {
             return Err(Status::invalid_argument(format!(
                 "state {:?} is not a task state",
@@ -179,13 +238,14 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::StopTaskRequest>,
     ) -> Result<Response<v1::StopTaskResponse>, Status> {
-        let caller = self.auth.check(&request, Role::Operator)?;
+        let caller = self.auth.identify(&request, Role::Operator)?;
         let name = request.into_inner().name;
         check_task_name("name", &name)?;
+        self.may_act(&caller, &name)?;
         let task = self
             .ask(|reply| core_::Request::Stop {
                 name,
-                caller,
+                caller: caller.name,
                 reply,
             })
             .await?;
@@ -196,13 +256,14 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::RestartTaskRequest>,
     ) -> Result<Response<v1::RestartTaskResponse>, Status> {
-        let caller = self.auth.check(&request, Role::Operator)?;
+        let caller = self.auth.identify(&request, Role::Operator)?;
         let name = request.into_inner().name;
         check_task_name("name", &name)?;
+        self.may_act(&caller, &name)?;
         let task = self
             .ask(|reply| core_::Request::Restart {
                 name,
-                caller,
+                caller: caller.name,
                 reply,
             })
             .await?;
@@ -222,8 +283,10 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::ReadInboxRequest>,
     ) -> Result<Response<v1::ReadInboxResponse>, Status> {
-        self.auth.check(&request, Role::Viewer)?;
-        let r = request.into_inner();
+        let caller = self.auth.identify(&request, Role::Viewer)?;
+        let mut r = request.into_inner();
+        r.subtree = self.bound(&caller, std::mem::take(&mut r.subtree))?;
+        let lineage = self.lineage.clone();
         let limit = if r.limit == 0 {
             1000
         } else {
@@ -231,7 +294,9 @@ impl FleetService for Fleet {
         } as usize;
         let inbox = self.inbox.clone();
         let events = tokio::task::spawn_blocking(move || {
-            inbox.read(r.from_seq, limit, |e| matches(e, &r.task, &r.kind))
+            inbox.read(r.from_seq, limit, |e| {
+                matches(e, &r.task, &r.kind) && in_subtree(&lineage, e, &r.subtree)
+            })
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -248,8 +313,10 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        self.auth.check(&request, Role::Viewer)?;
-        let r = request.into_inner();
+        let caller = self.auth.identify(&request, Role::Viewer)?;
+        let mut r = request.into_inner();
+        r.subtree = self.bound(&caller, std::mem::take(&mut r.subtree))?;
+        let lineage = self.lineage.clone();
         // Subscribe before reading history, so nothing falls between the two.
         let mut live = self.inbox.subscribe();
         let inbox = self.inbox.clone();
@@ -264,9 +331,12 @@ impl FleetService for Fleet {
             loop {
                 let page = {
                     let inbox = inbox.clone();
-                    let (task, kind) = (r.task.clone(), r.kind.clone());
+                    let (task, kind, subtree) = (r.task.clone(), r.kind.clone(), r.subtree.clone());
+                    let lineage = lineage.clone();
                     tokio::task::spawn_blocking(move || {
-                        inbox.read(next, 1000, |e| matches(e, &task, &kind))
+                        inbox.read(next, 1000, |e| {
+                            matches(e, &task, &kind) && in_subtree(&lineage, e, &subtree)
+                        })
                     })
                     .await
                 };
@@ -285,7 +355,10 @@ impl FleetService for Fleet {
             loop {
                 match live.recv().await {
                     Ok(event) => {
-                        if event.seq < next || !matches(&event, &r.task, &r.kind) {
+                        if event.seq < next
+                            || !matches(&event, &r.task, &r.kind)
+                            || !in_subtree(&lineage, &event, &r.subtree)
+                        {
                             continue;
                         }
                         next = event.seq + 1;
@@ -311,11 +384,16 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::ListIncidentsRequest>,
     ) -> Result<Response<v1::ListIncidentsResponse>, Status> {
-        self.auth.check(&request, Role::Viewer)?;
-        let all = request.into_inner().all;
-        let incidents = self
+        let caller = self.auth.identify(&request, Role::Viewer)?;
+        let r = request.into_inner();
+        let all = r.all;
+        let subtree = self.bound(&caller, r.subtree)?;
+        let mut incidents = self
             .ask(|reply| core_::Request::Incidents { all, reply })
             .await?;
+        if !subtree.is_empty() {
+            incidents.retain(|i| !i.task.is_empty() && self.lineage.within(&i.task, &subtree));
+        }
         Ok(Response::new(v1::ListIncidentsResponse { incidents }))
     }
 
@@ -323,7 +401,7 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::AckIncidentRequest>,
     ) -> Result<Response<v1::Incident>, Status> {
-        let caller = self.auth.check(&request, Role::Operator)?;
+        let caller = self.auth.identify(&request, Role::Operator)?;
         let r = request.into_inner();
         let (id, acked) = (r.id, !r.undo);
         if id == 0 {
@@ -333,7 +411,8 @@ impl FleetService for Fleet {
             .ask(|reply| core_::Request::Ack {
                 id,
                 acked,
-                caller,
+                caller: caller.name,
+                scope: caller.task,
                 reply,
             })
             .await?;
@@ -344,13 +423,18 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::ResolveIncidentRequest>,
     ) -> Result<Response<v1::Incident>, Status> {
-        let caller = self.auth.check(&request, Role::Operator)?;
+        let caller = self.auth.identify(&request, Role::Operator)?;
         let id = request.into_inner().id;
         if id == 0 {
             return Err(Status::invalid_argument("id is required"));
         }
         let incident = self
-            .ask(|reply| core_::Request::Resolve { id, caller, reply })
+            .ask(|reply| core_::Request::Resolve {
+                id,
+                caller: caller.name,
+                scope: caller.task,
+                reply,
+            })
             .await?;
         Ok(Response::new(incident))
     }
@@ -359,9 +443,11 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::SignalTaskRequest>,
     ) -> Result<Response<v1::Task>, Status> {
-        let caller = self.auth.check(&request, Role::Operator)?;
+        let caller = self.auth.identify(&request, Role::Operator)?;
         let r = request.into_inner();
         check_task_name("name", &r.name)?;
+        self.may_act(&caller, &r.name)?;
+        let caller = caller.name;
         let signal = parse_signal(&r.signal).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "signal {:?} is not a signal name (TERM, HUP, USR1, ...) or number 1-64",
@@ -425,9 +511,10 @@ impl FleetService for Fleet {
         &self,
         request: Request<v1::TailLogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
-        self.auth.check(&request, Role::Viewer)?;
+        let caller = self.auth.identify(&request, Role::Viewer)?;
         let r = request.into_inner();
         check_task_name("task", &r.task)?;
+        self.may_read(&caller, &r.task)?;
         let stream = match r.stream.as_str() {
             "" | "stdout" => "stdout",
             "stderr" => "stderr",
@@ -513,4 +600,9 @@ impl FleetService for Fleet {
 fn matches(event: &Event, task: &str, kind: &str) -> bool {
     (task.is_empty() || event.task == task)
         && (kind.is_empty() || event.kind == kind || event.kind.starts_with(&format!("{kind}.")))
+}
+
+/// Whether an event is about a task within `subtree` (empty: any event).
+fn in_subtree(lineage: &Lineage, event: &Event, subtree: &str) -> bool {
+    subtree.is_empty() || (!event.task.is_empty() && lineage.within(&event.task, subtree))
 }

@@ -46,6 +46,9 @@ struct TaskDoc {
     on_disconnect: String,
     #[serde(default)]
     user: String,
+    #[serde(default)]
+    parent_close: String,
+    limits: Option<LimitsDoc>,
     matrix: Option<BTreeMap<String, Vec<MatrixValue>>>,
 }
 
@@ -130,6 +133,22 @@ struct EscalationDoc {
     pagerduty: Option<bool>,
     #[serde(default)]
     severity: String,
+    #[serde(default)]
+    parent_timeout: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsDoc {
+    max_children: Option<u32>,
+    max_depth: Option<u32>,
+    max_descendants: Option<u32>,
+    max_running: Option<u32>,
+    #[serde(default)]
+    budget: String,
+    max_restarts: Option<u32>,
+    #[serde(default)]
+    restart_window: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -341,9 +360,20 @@ impl TaskDoc {
                 slack_user: e.slack_user,
                 pagerduty: e.pagerduty,
                 severity: e.severity,
+                parent_timeout: e.parent_timeout,
             }),
             on_disconnect: self.on_disconnect,
             user: self.user,
+            parent_close: self.parent_close,
+            limits: self.limits.map(|l| v1::SubtreeLimits {
+                max_children: l.max_children,
+                max_depth: l.max_depth,
+                max_descendants: l.max_descendants,
+                max_running: l.max_running,
+                budget: l.budget,
+                max_restarts: l.max_restarts,
+                restart_window: l.restart_window,
+            }),
         }
     }
 }

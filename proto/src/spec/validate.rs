@@ -122,6 +122,7 @@ pub fn validate(spec: &v1::TaskSpec) -> Result<(), Vec<FieldError>> {
                 ),
             );
         }
+        check_duration("escalation.parent_timeout", &e.parent_timeout, &mut bad);
         for (field, value) in [
             ("escalation.slack_channel", &e.slack_channel),
             ("escalation.slack_user", &e.slack_user),
@@ -134,11 +135,57 @@ pub fn validate(spec: &v1::TaskSpec) -> Result<(), Vec<FieldError>> {
             }
         }
     }
+    if !matches!(spec.parent_close.as_str(), "" | "stop" | "keep") {
+        bad(
+            "parent_close",
+            format!("is {:?}; expected \"stop\" or \"keep\"", spec.parent_close),
+        );
+    }
+    if let Some(limits) = &spec.limits {
+        check_limits(limits, &mut bad);
+    }
 
     if errors.is_empty() {
         Ok(())
     } else {
         Err(errors)
+    }
+}
+
+/// Subtree limits: counts above zero and within bounds, durations above zero, and a
+/// restart intensity given as a pair.
+fn check_limits(limits: &v1::SubtreeLimits, bad: &mut impl FnMut(&str, String)) {
+    for (field, value, max) in [
+        ("limits.max_children", limits.max_children, 1_000_000),
+        ("limits.max_depth", limits.max_depth, 64),
+        ("limits.max_descendants", limits.max_descendants, 10_000_000),
+        ("limits.max_running", limits.max_running, 10_000_000),
+        ("limits.max_restarts", limits.max_restarts, 1_000_000),
+    ] {
+        if let Some(v) = value {
+            if v > max {
+                bad(field, format!("is {v}, at most {max}"));
+            }
+        }
+    }
+    for (field, value) in [
+        ("limits.budget", &limits.budget),
+        ("limits.restart_window", &limits.restart_window),
+    ] {
+        if check_duration(field, value, bad).is_some_and(|d| d.is_zero()) {
+            bad(field, "must be above 0s".into());
+        }
+    }
+    match (limits.max_restarts, limits.restart_window.is_empty()) {
+        (Some(_), true) => bad(
+            "limits.restart_window",
+            "is needed with limits.max_restarts (for example \"5m\")".into(),
+        ),
+        (None, false) => bad(
+            "limits.max_restarts",
+            "is needed with limits.restart_window".into(),
+        ),
+        _ => {}
     }
 }
 
