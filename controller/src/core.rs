@@ -513,9 +513,8 @@ impl Core {
                 if !t.state.holds_node() || t.node.is_empty() {
                     continue;
                 }
-                let line = line.get_or_insert_with(|| {
-                    serde_json::to_string(event).expect("events serialize")
-                });
+                let line = line
+                    .get_or_insert_with(|| serde_json::to_string(event).expect("events serialize"));
                 lines
                     .entry((t.node.clone(), ancestor))
                     .or_default()

@@ -98,7 +98,9 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         // Databases from before task trees lack the parent escalation deadline.
         let has_escalate: bool = conn
-            .prepare("SELECT COUNT(*) FROM pragma_table_info('incidents') WHERE name = 'escalate_ms'")?
+            .prepare(
+                "SELECT COUNT(*) FROM pragma_table_info('incidents') WHERE name = 'escalate_ms'",
+            )?
             .query_row([], |r| r.get::<_, i64>(0))?
             > 0;
         if !has_escalate {

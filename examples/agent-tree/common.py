@@ -69,13 +69,15 @@ class MusterError(Exception):
 
 # Worth a retry: the controller is restarting, or the network hiccuped.
 TRANSIENT = re.compile(r"unreachable|cannot reach|connection refused|connection reset|"
-                       r"did not answer|timed? ?out|unavailable|broken pipe|try again", re.I)
+                       r"did not answer|timed? ?out|unavailable|shutting down|try again", re.I)
 # Retrying cannot help: a subtree limit refused it, or the token may not do it.
-REFUSED = re.compile(r"limit|max_children|max_depth|max_descendants|max_running|budget|"
-                     r"max_restarts|permission|denied|unauthenticated|exhausted", re.I)
+# (exit 1 with "submission refused: limit max_depth = 2 of planner reached: ..." or "parent
+# task X has ended"; exit 2, 3 and 4 are usage, not found and permission errors)
+REFUSED = re.compile(r"submission refused|limit|budget|has ended|no new children|"
+                     r"permission|denied|unauthenticated", re.I)
 
 
-def muster(*args, tries=4, timeout=40, json_out=False):
+def muster(*args, tries=4, timeout=20, json_out=False):
     """Run `muster ARGS`; return its stdout (parsed when json_out). Transient failures are
     retried with a short backoff; a refusal (exit 2 usage, 3 not found, 4 permission, or a
     message naming a limit) raises at once with permanent=True."""
@@ -89,7 +91,10 @@ def muster(*args, tries=4, timeout=40, json_out=False):
         except FileNotFoundError:
             raise MusterError(argv, 127, "`muster` is not on PATH", True)
         if rc == 0:
-            return json.loads(p.stdout) if json_out else p.stdout
+            try:
+                return json.loads(p.stdout) if json_out else p.stdout
+            except ValueError as e:
+                rc, err = 0, f"unreadable JSON from muster: {e}"
         permanent = rc in (2, 3, 4) or (REFUSED.search(err) and not TRANSIENT.search(err))
         if permanent or attempt == tries:
             raise MusterError(argv, rc, err, bool(permanent))
@@ -109,7 +114,7 @@ def start_child(name, argv, *, workdir=HERE, env=(), restart="on-failure", max_r
     retried submission that had gone through counts as existing: names are unique)."""
     cmd = ["run", "--name", name, "--workdir", workdir, "--restart", restart,
            "--max-restarts", str(max_restarts), "--backoff-initial", backoff[0],
-           "--backoff-max", backoff[1], "--heartbeat-timeout", "30s",
+           "--backoff-max", backoff[1], "--heartbeat-timeout", "60s",
            "--parent-close", "stop", "--parent-timeout", "30s", "--env", "PYTHONUNBUFFERED=1"]
     for kv in env:
         cmd += ["--env", kv]

@@ -19,6 +19,7 @@ this machine. A restarted planner starts nothing that exists already (child or r
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -200,13 +201,14 @@ class Planner:
         write_json(os.path.join(self.dir, "result.json"), summary)
         ks = sorted({int(r["config"].split("k=")[1].split("/")[0]) for r in rows})
         acc = {r["config"]: r["accuracy"] for r in rows}
-        lines = ["held-out accuracy" + "".join(f"{'k=' + str(k):>8}" for k in ks) + "   by"]
+        lines = [f"{'held-out accuracy':<19}" + "".join(f"{'k=' + str(k):>8}" for k in ks) + "   by"]
         for s in self.slices:
             for w in ("uniform", "distance"):
                 cells = [acc.get(f"{s.metric}/k={k}/{w}") for k in ks]
-                lines.append(f"{s.metric + '/' + w:<17}" + "".join(
+                lines.append(f"{s.metric + '/' + w:<19}" + "".join(
                     f"{c:>8.4f}" if c is not None else f"{'-':>8}" for c in cells)
-                    + f"   {(s.result or {}).get('by', s.lost or '-')}")
+                    + f"   {(s.result or {}).get('by', 'LOST')}")
+        lines += [f"lost: {m}: {why}" for m, why in lost.items()]
         if rows:
             lines.append(f"best: {rows[0]['config']} {rows[0]['accuracy']:.4f} "
                          f"({rows[0]['correct']}/{rows[0]['rows']} held-out rows)")
@@ -237,7 +239,12 @@ def main(argv=None):
                      f"(muster up --example agent-tree)")
     if not os.path.exists(os.path.join(HERE, args.data)):
         sys.exit(f"planner: no data at {os.path.join(HERE, args.data)}")
-    return Planner(args).run()
+    planner = Planner(args)
+    # Stopped (by an operator, or the budget): say so and go; with parent_close = stop the
+    # controller stops the workers too.
+    signal.signal(signal.SIGTERM, lambda *_: (planner.report("running", "stopping on SIGTERM"),
+                                              sys.exit(143)))
+    return planner.run()
 
 
 if __name__ == "__main__":

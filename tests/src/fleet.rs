@@ -219,8 +219,16 @@ impl Fleet {
             .append(true)
             .open(&log_path)
             .expect("opening a daemon log");
+        // Tasks run `muster` to start children: the binaries under test come first on PATH.
+        let mut path = std::ffi::OsString::from(&self.bins);
+        if let Some(old) = std::env::var_os("PATH") {
+            path.push(":");
+            path.push(old);
+        }
         command
             .env_remove("MUSTER_CONTROLLER")
+            .env_remove("MUSTER_TOKEN")
+            .env("PATH", path)
             .current_dir(&self.root)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning a log handle"))

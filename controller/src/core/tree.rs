@@ -71,7 +71,10 @@ impl Core {
             .or_default()
             .push(child.to_string());
         self.lineage.link(child, parent);
-        *self.descendant_counts.entry(parent.to_string()).or_default() += 1;
+        *self
+            .descendant_counts
+            .entry(parent.to_string())
+            .or_default() += 1;
         for ancestor in self.ancestors(parent) {
             *self.descendant_counts.entry(ancestor).or_default() += 1;
         }
@@ -190,7 +193,12 @@ impl Core {
         // Pending or in a crash loop: nothing runs, it ends here.
         self.pending.retain(|p| p != name);
         let (final_state, kind, severity, word) = if super::tasks::ends_stopped(reason) {
-            (TaskState::Stopped, "task.stopped", Severity::Info, "stopped")
+            (
+                TaskState::Stopped,
+                "task.stopped",
+                Severity::Info,
+                "stopped",
+            )
         } else {
             (TaskState::Failed, "task.failed", Severity::Error, "failed")
         };
@@ -238,10 +246,9 @@ impl Core {
             let Some(limits) = self.limits(ancestor) else {
                 continue;
             };
-            let (Some(max), Ok(window)) = (
-                limits.max_restarts,
-                duration::parse(&limits.restart_window),
-            ) else {
+            let (Some(max), Ok(window)) =
+                (limits.max_restarts, duration::parse(&limits.restart_window))
+            else {
                 continue;
             };
             let times = self.restart_times.entry(ancestor.clone()).or_default();
@@ -280,7 +287,11 @@ impl Core {
             "{count} restarts in the subtree of {root} within {}, more than limits.max_restarts = {max}: its tasks are not restarted until this incident is resolved",
             duration::format(window)
         );
-        tracing::info!(task = root, restarts = count, "subtree restart intensity exceeded");
+        tracing::info!(
+            task = root,
+            restarts = count,
+            "subtree restart intensity exceeded"
+        );
         self.open_incident(root, "", RESTART_INTENSITY, Severity::Error, &message);
         let mut subtree = vec![root.to_string()];
         subtree.extend(self.descendants(root));

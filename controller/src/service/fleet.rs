@@ -48,11 +48,9 @@ impl Fleet {
     fn bound(&self, caller: &Caller, subtree: String) -> Result<String, Status> {
         match &caller.task {
             Some(task) if subtree.is_empty() => Ok(task.clone()),
-            Some(task) if !self.lineage.within(&subtree, task) => {
-                Err(Status::permission_denied(format!(
-                    "the token of task {task} may read only its own subtree, not {subtree}"
-                )))
-            }
+            Some(task) if !self.lineage.within(&subtree, task) => Err(Status::permission_denied(
+                format!("the token of task {task} may read only its own subtree, not {subtree}"),
+            )),
             _ => Ok(subtree),
         }
     }
@@ -60,11 +58,9 @@ impl Fleet {
     /// A task's token may read its own subtree.
     fn may_read(&self, caller: &Caller, task: &str) -> Result<(), Status> {
         match &caller.task {
-            Some(scope) if !self.lineage.within(task, scope) => {
-                Err(Status::permission_denied(format!(
-                    "the token of task {scope} may read only its own subtree, not {task}"
-                )))
-            }
+            Some(scope) if !self.lineage.within(task, scope) => Err(Status::permission_denied(
+                format!("the token of task {scope} may read only its own subtree, not {task}"),
+            )),
             _ => Ok(()),
         }
     }
@@ -72,11 +68,9 @@ impl Fleet {
     /// A task's token may stop, restart and signal its descendants, not itself.
     fn may_act(&self, caller: &Caller, task: &str) -> Result<(), Status> {
         match &caller.task {
-            Some(scope) if !self.lineage.below(task, scope) => {
-                Err(Status::permission_denied(format!(
-                    "the token of task {scope} may act only on its descendants, not on {task}"
-                )))
-            }
+            Some(scope) if !self.lineage.below(task, scope) => Err(Status::permission_denied(
+                format!("the token of task {scope} may act only on its descendants, not on {task}"),
+            )),
             _ => Ok(()),
         }
     }
@@ -156,7 +150,10 @@ impl FleetService for Fleet {
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
         let caller = self.auth.identify(&request, Role::Operator)?;
-        let v1::SubmitRequest { tasks: specs, parent } = request.into_inner();
+        let v1::SubmitRequest {
+            tasks: specs,
+            parent,
+        } = request.into_inner();
         if !parent.is_empty() {
             check_task_name("parent", &parent)?;
         }
