@@ -200,10 +200,9 @@ impl Auth {
     /// The caller's name if the request may do what `need` allows; task tokens are refused.
     pub fn check<T>(&self, request: &Request<T>, need: Role) -> Result<String, Status> {
         if bearer(request)?.is_some_and(|t| t.starts_with(TASK_TOKEN_PREFIX)) {
-            return Err(Status::permission_denied(format!(
-                "a task's token cannot make this call (it needs {})",
-                need.as_str()
-            )));
+            return Err(Status::permission_denied(
+                "a task's token acts only on tasks of its own subtree; this call is about the fleet",
+            ));
         }
         let header = request.metadata().get("authorization");
         if header.is_none() || self.tokens.is_empty() {

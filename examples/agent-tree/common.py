@@ -170,15 +170,16 @@ class Inbox:
     The file may not exist before the first event; lines may repeat after a reconnect."""
 
     def __init__(self, path):
-        self.path, self.offset, self.partial, self.seen = path, 0, b"", set()
+        self.path, self.offset, self.partial, self.seen, self.inode = path, 0, b"", set(), None
 
     def new_events(self):
         if not self.path:
             return []
         try:
             with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.offset:  # truncated or replaced
-                    self.offset, self.partial = 0, b""
+                st = os.fstat(f.fileno())
+                if st.st_ino != self.inode or st.st_size < self.offset:  # new, rotated, cut
+                    self.offset, self.partial, self.inode = 0, b"", st.st_ino
                 f.seek(self.offset)
                 chunk = f.read()
         except FileNotFoundError:

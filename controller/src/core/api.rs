@@ -355,11 +355,16 @@ impl Core {
     fn stop(&mut self, name: &str, caller: &str) -> Result<v1::Task, ApiError> {
         let task = self.tasks.get(name).ok_or_else(|| not_found(name))?;
         let state = task.state;
-        if state.is_final() {
-            return Ok(task.to_proto());
-        }
         // The whole subtree stops, `keep` children too: the operator asked for all of it.
-        let descendants = self.descendants(name);
+        // An ended task may still have `keep` children running.
+        let descendants: Vec<String> = self
+            .descendants(name)
+            .into_iter()
+            .filter(|d| self.tasks.get(d).is_some_and(|t| !t.state.is_final()))
+            .collect();
+        if state.is_final() && descendants.is_empty() {
+            return Ok(self.tasks[name].to_proto());
+        }
         let event = self
             .task_event(
                 name,
