@@ -108,7 +108,7 @@ def children(parent):
     return {t["name"]: t for t in muster("ls", "--parent", parent, "--json", json_out=True)}
 
 
-def start_child(name, argv, *, workdir=HERE, env=(), restart="on-failure", max_restarts=2,
+def start_child(name, argv, *, workdir=HERE, restart="on-failure", max_restarts=2,
                 backoff=("500ms", "2s"), limits=(), labels=()):
     """`muster run` a child of the calling task. Returns False if it existed already (a
     retried submission that had gone through counts as existing: names are unique)."""
@@ -116,8 +116,6 @@ def start_child(name, argv, *, workdir=HERE, env=(), restart="on-failure", max_r
            "--max-restarts", str(max_restarts), "--backoff-initial", backoff[0],
            "--backoff-max", backoff[1], "--heartbeat-timeout", "60s",
            "--parent-close", "stop", "--parent-timeout", "30s", "--env", "PYTHONUNBUFFERED=1"]
-    for kv in env:
-        cmd += ["--env", kv]
     for kv in labels:
         cmd += ["--label", kv]
     for kv in limits:

@@ -417,6 +417,34 @@ command = ["sleep", "1"]
     }
 
     #[test]
+    fn tree_keys_are_read_and_checked() {
+        let text = "name = \"plan\"\ncommand = [\"x\"]\nparent_close = \"keep\"\n[limits]\nmax_children = 4\nmax_depth = 2\nbudget = \"10m\"\nmax_restarts = 5\nrestart_window = \"1m\"\n[escalation]\nparent_timeout = \"30s\"\n";
+        let spec = &parse_file(text, Path::new("/")).unwrap()[0];
+        assert_eq!(spec.parent_close, "keep");
+        let limits = spec.limits.as_ref().unwrap();
+        assert_eq!(
+            (limits.max_children, limits.max_depth, limits.max_restarts),
+            (Some(4), Some(2), Some(5))
+        );
+        assert_eq!(limits.budget, "10m");
+        assert_eq!(spec.escalation.as_ref().unwrap().parent_timeout, "30s");
+
+        let bad = "name = \"plan\"\ncommand = [\"x\"]\nparent_close = \"orphan\"\n[limits]\nmax_restarts = 5\nbudget = \"0s\"\nmax_depth = 99\n";
+        let err = parse_file(bad, Path::new("/")).unwrap_err().to_string();
+        for field in [
+            "parent_close",
+            "limits.restart_window",
+            "limits.budget",
+            "limits.max_depth",
+        ] {
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        let typo = "name = \"plan\"\ncommand = [\"x\"]\n[limits]\nmax_kids = 1\n";
+        let err = parse_file(typo, Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("max_kids"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_an_error_naming_it() {
         let err = parse_file(
             "name = \"a\"\ncommand = [\"x\"]\ncomand = 1\n",
