@@ -9,6 +9,7 @@ pub mod inbox;
 pub mod process;
 pub mod proxy;
 pub mod receiver;
+pub mod up;
 
 use std::time::Duration;
 
