@@ -396,6 +396,20 @@ impl Core {
             TaskState::Pending => return Ok(task.to_proto()),
             _ => {}
         }
+        // An ended child of an ended parent stays ended: it would run without a living
+        // ancestor. Restarting the parent restarts it too.
+        if !super::tree::living(state) && task.spec.parent_close != "keep" {
+            if let Some(parent) = self.tasks.get(&task.parent) {
+                if !super::tree::living(parent.state) {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "the parent of {name}, {}, has ended ({}): restart {} to restart its subtree",
+                        task.parent,
+                        parent.state.as_str(),
+                        task.parent
+                    )));
+                }
+            }
+        }
         let descendants = self.descendants(name);
         let event = self
             .task_event(
