@@ -127,13 +127,27 @@ fn assert_refused(output: &Output, limit: &str) {
     );
 }
 
-/// Writes the test's output files below the fleet dir; the path quoted for TOML.
+/// Asserts that every inbox event about `task` names its parent and root.
+fn assert_lineage(fleet: &Fleet, task: &str, parent: &str, root: &str) {
+    let events = fleet.events(|e| e["task"] == task);
+    assert!(!events.is_empty(), "no events about {task}");
+    for e in &events {
+        assert_eq!(
+            (e["parent"].as_str(), e["root"].as_str()),
+            (Some(parent), Some(root)),
+            "an event about {task} without its lineage: {e}"
+        );
+    }
+}
+
+/// A folder below the fleet dir for files that tasks write for the test.
 fn out_dir(fleet: &Fleet) -> PathBuf {
     let dir = fleet.dir().join("out");
     std::fs::create_dir_all(&dir).expect("creating the out dir");
     dir
 }
 
+/// A path as a TOML basic string.
 fn toml_str(path: &Path) -> String {
     format!("{:?}", path.display().to_string())
 }
@@ -326,6 +340,47 @@ fn stop_of_a_root_stops_its_whole_tree() {
         "{drawn:#}"
     );
     assert_eq!(top["counts"]["running"], 3, "{drawn:#}");
+    // Each ancestor's MUSTER_INBOX gets the events about all its descendants, and only them.
+    let inbox_of = |task: &str| {
+        let node = node_of(&fleet, task);
+        fleet.task_dir(&node, task).join("inbox.jsonl")
+    };
+    let (top_inbox, mid_inbox) = (inbox_of("top"), inbox_of("mid"));
+    wait_until("mid and leaf in top's MUSTER_INBOX", TASK_DEADLINE, || {
+        let lines = task_inbox(&top_inbox);
+        ["mid", "leaf"]
+            .iter()
+            .all(|t| lines.iter().any(|e| is_event(e, "attempt.started", t)))
+            .then_some(())
+    });
+    let mid_lines = wait_until("leaf in mid's MUSTER_INBOX", TASK_DEADLINE, || {
+        let lines = task_inbox(&mid_inbox);
+        lines
+            .iter()
+            .any(|e| is_event(e, "attempt.started", "leaf"))
+            .then_some(lines)
+    });
+    assert!(
+        mid_lines.iter().all(|e| e["task"] == "leaf"),
+        "mid's MUSTER_INBOX holds only events about its descendants: {mid_lines:#?}"
+    );
+    let top_lines = task_inbox(&top_inbox);
+    assert!(
+        top_lines
+            .iter()
+            .all(|e| e["task"] == "mid" || e["task"] == "leaf"),
+        "{top_lines:#?}"
+    );
+    let leaf_line = top_lines
+        .iter()
+        .find(|e| e["task"] == "leaf")
+        .expect("a line about leaf");
+    assert_eq!(
+        (&leaf_line["parent"], &leaf_line["root"]),
+        (&"mid".into(), &"top".into()),
+        "{leaf_line}"
+    );
+
     let live = |task: &str| !fleet.task_processes(task).is_empty();
     assert!(
         tree.iter().all(|t| live(t)),
@@ -349,6 +404,19 @@ fn stop_of_a_root_stops_its_whole_tree() {
     let drawn = fleet.muster_json(&["tree", "top", "--json"]);
     assert_eq!(drawn[0]["counts"]["done"], 3, "{drawn:#}");
     assert_eq!(drawn[0]["counts"]["running"], 0, "{drawn:#}");
+
+    // A restart of the root places the whole ended tree again.
+    fleet.muster_ok(&["restart", "top"]);
+    for task in tree {
+        let again = fleet.wait_for_task_state(task, "running", TASK_DEADLINE);
+        assert_eq!(again["attempt"], 2, "{again:#}");
+    }
+    assert!(
+        tree.iter().all(|t| live(t)),
+        "every task of the tree runs again"
+    );
+    assert_lineage(&fleet, "mid", "top", "top");
+    assert_lineage(&fleet, "leaf", "mid", "top");
 }
 
 const BOSS: &str = r#"
@@ -367,6 +435,24 @@ exit 0
 ''']
 [restart]
 policy = "on-failure"
+"#;
+
+/// A parent that gives up in a crash loop once its child runs.
+const FLOP: &str = r#"
+name = "flop"
+shell = true
+command = ['''
+muster run --name orphan --grace 1s -- sleep 600 || exit 3
+i=0
+until grep -q '"attempt.started"' "$MUSTER_INBOX" 2>/dev/null; do
+  i=$((i + 1)); [ "$i" -gt 600 ] && exit 4
+  sleep 0.1
+done
+exit 1
+''']
+[restart]
+policy = "on-failure"
+max_restarts = 0
 "#;
 
 #[test]
@@ -404,6 +490,25 @@ fn keep_child_outlives_its_parent_and_stop_child_does_not() {
             .is_empty(),
         "the keep child was touched"
     );
+    // A parent in a crash loop has ended too.
+    fleet.submit_toml("flop", FLOP);
+    let orphan_pid = fleet.wait_for_attempt_pid("orphan", 1, TASK_DEADLINE);
+    fleet.wait_for_task_state("flop", "crash_loop", TASK_DEADLINE);
+    fleet.wait_for_task_state("orphan", "stopped", TASK_DEADLINE);
+    let stopped = fleet.wait_for_event(|e| is_event(e, "task.stopped", "orphan"), TASK_DEADLINE);
+    assert_eq!(reason(&stopped), "parent_ended", "{stopped}");
+    assert!(!pid_alive(orphan_pid), "orphan's process outlived its stop");
+    assert_eq!(fleet.show("stay")["state"], "running");
+
+    // An operator's stop of the ended parent takes its keep child too.
+    fleet.muster_ok(&["stop", "boss"]);
+    fleet.wait_for_task_state("stay", "stopped", TASK_DEADLINE);
+    assert!(
+        !pid_alive(stay_pid),
+        "the keep child's process outlived the stop"
+    );
+    assert_lineage(&fleet, "stay", "boss", "boss");
+    assert_lineage(&fleet, "go", "boss", "boss");
 }
 
 #[test]
@@ -477,6 +582,17 @@ grace = "1s"
     assert_absent(&fleet, "k3");
     let kids = fleet.muster_json(&["ls", "--parent", "kids", "--json"]);
     assert_eq!(names(&kids), set(&["k1", "k2"]));
+    // The nearest max_children on the chain bounds a grandchild's siblings too.
+    run_ok("run --parent k1 --name g1 -- sleep 600");
+    run_ok("run --parent k1 --name g2 -- sleep 600");
+    let refused = run("run --parent k1 --name g3 -- sleep 600");
+    assert_refused(&refused, "max_children");
+    assert!(
+        stderr(&refused).contains("kids"),
+        "the refusal names where the limit was set: {}",
+        stderr(&refused)
+    );
+    assert_absent(&fleet, "g3");
 
     // max_depth: a child is allowed, a grandchild is not.
     run_ok("run --name deep --limit max_depth=1 --grace 1s -- sleep 600");
@@ -643,6 +759,31 @@ grace = "1s"
         "running",
         "the root itself did not crash"
     );
+    // While the incident is open, a crash anywhere in the subtree ends the task.
+    fleet.muster_ok(&[
+        "run",
+        "--parent",
+        "sup",
+        "--name",
+        "w4",
+        "--restart",
+        "always",
+        "--backoff-initial",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    let w4 = wait_all_final(&fleet, &["w4"]);
+    assert_eq!(w4, ["failed"]);
+    let failed = fleet.wait_for_event(|e| is_event(e, "task.failed", "w4"), TASK_DEADLINE);
+    assert_eq!(reason(&failed), "restart_intensity", "{failed}");
+    assert_eq!(fleet.show("w4")["attempt"], 1, "w4 was restarted");
+    let intensity =
+        fleet.events(|e| e["kind"] == "incident.opened" && reason(e) == "restart_intensity");
+    assert_eq!(intensity.len(), 1, "still one incident: {intensity:#?}");
+
     let listed = fleet.muster_json(&["incidents", "--subtree", "sup", "--json"]);
     let listed = listed.as_array().expect("incidents --json prints an array");
     assert_eq!(listed.len(), 1, "{listed:#?}");
