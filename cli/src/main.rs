@@ -913,7 +913,9 @@ async fn inbox(
         return follow_inbox(url, seq, &filter, print).await;
     }
     let mut client = client::connect(url).await?;
-    if since.is_none() && !filter.is_empty() {
+    // A task's token is a filter too: the controller bounds it to the task's subtree.
+    let task_token = std::env::var("MUSTER_TOKEN").is_ok_and(|t| t.trim().starts_with("mtt."));
+    if since.is_none() && (!filter.is_empty() || task_token) {
         // Filtered without a start: the last 50 matching events of the whole inbox.
         let mut next = 1;
         let mut last: std::collections::VecDeque<v1::Event> = std::collections::VecDeque::new();

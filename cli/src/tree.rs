@@ -12,7 +12,7 @@ use crate::output;
 /// How the tasks of a subtree (a task and all its descendants) stand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
-    /// Alive or about to be: starting, running, stalled, blocked, needs_help, backoff,
+    /// Not ended: pending, starting, running, stalled, blocked, needs_help, backoff,
     /// stopping.
     pub running: u32,
     /// Running, and nothing wrong with it.
@@ -30,8 +30,8 @@ impl Counts {
     fn of(state: &str) -> Counts {
         let mut counts = Counts::default();
         match state {
-            "starting" | "running" | "stalled" | "blocked" | "needs_help" | "backoff"
-            | "stopping" => counts.running = 1,
+            "pending" | "starting" | "running" | "stalled" | "blocked" | "needs_help"
+            | "backoff" | "stopping" => counts.running = 1,
             "failed" | "crash_loop" => counts.failed = 1,
             "succeeded" | "stopped" => counts.done = 1,
             _ => {}
@@ -380,7 +380,14 @@ mod tests {
         assert_eq!(bucket("blocked").blocked, 1);
         assert_eq!(bucket("crash_loop").failed, 1);
         assert_eq!(bucket("stopped").done, 1);
-        assert_eq!(bucket("pending"), Counts::default());
+        // Pending has not ended: it counts as running, not as healthy.
+        assert_eq!(
+            bucket("pending"),
+            Counts {
+                running: 1,
+                ..Counts::default()
+            }
+        );
     }
 
     #[test]

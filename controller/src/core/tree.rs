@@ -4,8 +4,8 @@
 //!
 //! A limit set on a task binds its whole subtree: a submission is checked against the
 //! limits of every ancestor of the new task, so a descendant cannot loosen what an ancestor
-//! set. `max_children` is the exception that is inherited by value: each task's children
-//! are bounded by the nearest `max_children` on its chain.
+//! set. `max_children` is inherited by value: each task's children are bounded by the
+//! tightest `max_children` on its chain.
 
 use std::time::{Duration, Instant};
 
@@ -117,16 +117,25 @@ impl Core {
     pub(super) fn check_limits(&self, parent: &str, adding: u32) -> Result<(), ApiError> {
         let mut chain = vec![parent.to_string()];
         chain.extend(self.ancestors(parent));
-        let nearest_max_children = chain.iter().find_map(|a| {
-            self.limits(a)
-                .and_then(|l| l.max_children)
-                .map(|max| (a, max))
-        });
-        if let Some((holder, max)) = nearest_max_children {
+        // The tightest max_children on the chain bounds every task below it.
+        let tightest_max_children = chain
+            .iter()
+            .filter_map(|a| {
+                self.limits(a)
+                    .and_then(|l| l.max_children)
+                    .map(|max| (max, a))
+            })
+            .min();
+        let batch = if adding > 1 {
+            format!("; this submission adds {adding}")
+        } else {
+            String::new()
+        };
+        if let Some((max, holder)) = tightest_max_children {
             let have = self.children.get(parent).map_or(0, Vec::len) as u32;
             if have + adding > max {
                 return Err(refused(format!(
-                    "limit max_children = {max} (set on {holder}) reached: {parent} has {have} children"
+                    "limit max_children = {max} (set on {holder}) reached: {parent} has {have} children{batch}"
                 )));
             }
         }
@@ -139,7 +148,7 @@ impl Core {
             if let Some(max) = limits.max_depth {
                 if depth > max {
                     return Err(refused(format!(
-                        "limit max_depth = {max} of {ancestor} reached: a child of {parent} would be {depth} levels below {ancestor}"
+                        "limit max_depth = {max} of {ancestor} reached: a child of {parent} would be at depth {depth} below {ancestor}"
                     )));
                 }
             }
@@ -147,7 +156,7 @@ impl Core {
                 let have = self.descendant_counts.get(ancestor).copied().unwrap_or(0);
                 if have + adding > max {
                     return Err(refused(format!(
-                        "limit max_descendants = {max} of {ancestor} reached: it has {have} descendants"
+                        "limit max_descendants = {max} of {ancestor} reached: it has {have} descendants{batch}"
                     )));
                 }
             }
@@ -159,7 +168,7 @@ impl Core {
                     .count() as u32;
                 if live + adding > max {
                     return Err(refused(format!(
-                        "limit max_running = {max} of {ancestor} reached: {live} of its descendants have not ended"
+                        "limit max_running = {max} of {ancestor} reached: {live} of its descendants have not ended{batch}"
                     )));
                 }
             }
