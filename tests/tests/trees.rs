@@ -1008,3 +1008,78 @@ grace = "1s"
     let mine = fleet.wait_for_task_state("mine", "stopped", TASK_DEADLINE);
     assert_eq!(mine["parent"], "scoped", "{mine:#}");
 }
+
+#[test]
+fn a_descendant_cannot_loosen_max_children() {
+    let fleet = Fleet::start(1, slots(8));
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--grace", "1s"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", "sleep", "600"]);
+        fleet.muster(&all)
+    };
+    assert!(run(&["--name", "lo", "--limit", "max_children=2"])
+        .status
+        .success());
+    let loose = run(&[
+        "--name",
+        "lo-c",
+        "--parent",
+        "lo",
+        "--limit",
+        "max_children=100",
+    ]);
+    assert!(loose.status.success(), "{}", stderr(&loose));
+    for kid in ["lo-c-1", "lo-c-2"] {
+        let ok = run(&["--name", kid, "--parent", "lo-c"]);
+        assert!(ok.status.success(), "{}", stderr(&ok));
+    }
+    let third = run(&["--name", "lo-c-3", "--parent", "lo-c"]);
+    assert_refused(&third, "max_children = 2 (set on lo)");
+    assert_absent(&fleet, "lo-c-3");
+}
+
+const READER: &str = r#"
+name = "reader"
+shell = true
+command = ['''
+muster run --name reader-kid -- true
+while ! muster ls --json | grep -q '"succeeded"'; do sleep 0.2; done
+muster inbox --json > inbox.out.tmp && mv inbox.out.tmp inbox.out
+exec sleep 600
+''']
+[stop]
+grace = "1s"
+"#;
+
+#[test]
+fn inbox_under_a_task_token_is_the_subtree() {
+    let fleet = Fleet::start(1, slots(4));
+    fleet.muster_ok(&["run", "--name", "bystander", "--", "true"]);
+    let dir = out_dir(&fleet);
+    fleet.submit_toml(
+        "reader",
+        &READER.replace(
+            "shell = true",
+            &format!("shell = true\nworkdir = {}", toml_str(&dir)),
+        ),
+    );
+    let text = wait_until("the reader's inbox listing", TASK_DEADLINE, || {
+        std::fs::read_to_string(dir.join("inbox.out")).ok()
+    });
+    let tasks: BTreeSet<String> = text
+        .lines()
+        .map(|l| {
+            let e: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            e["task"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert!(
+        tasks.contains("reader-kid"),
+        "no event of its child: {text}"
+    );
+    assert!(
+        tasks.iter().all(|t| t == "reader" || t == "reader-kid"),
+        "events outside the subtree: {tasks:?}"
+    );
+}
