@@ -4,14 +4,19 @@ use std::time::Duration;
 
 /// A duration string that does not parse; the message says what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: expected a number and a unit (ms, s, m, h, d), like \"250ms\", \"10s\" or \"1m30s\"")]
-pub struct ParseDurationError {
-    input: String,
+pub enum ParseDurationError {
+    #[error("invalid duration {input:?}: expected a number and a unit (ms, s, m, h, d), like \"250ms\", \"10s\" or \"1m30s\"")]
+    Syntax { input: String },
+    #[error("invalid duration {input:?}: at most 366d")]
+    TooLong { input: String },
 }
 
 /// Parses a duration string.
 pub fn parse(input: &str) -> Result<Duration, ParseDurationError> {
-    let err = || ParseDurationError {
+    let err = || ParseDurationError::Syntax {
+        input: input.to_string(),
+    };
+    let too_long = || ParseDurationError::TooLong {
         input: input.to_string(),
     };
     let s = input.trim();
@@ -44,13 +49,13 @@ pub fn parse(input: &str) -> Result<Duration, ParseDurationError> {
         };
         rest = &rest[unit_len..];
         total_ms = total_ms
-            .checked_add(value.checked_mul(unit_ms).ok_or_else(err)?)
-            .ok_or_else(err)?;
+            .checked_add(value.checked_mul(unit_ms).ok_or_else(too_long)?)
+            .ok_or_else(too_long)?;
     }
 
     // Nothing in a task spec needs more than a year; larger values are typos.
     if total_ms > 366 * 86_400_000 {
-        return Err(err());
+        return Err(too_long());
     }
     Ok(Duration::from_millis(total_ms as u64))
 }
@@ -106,6 +111,8 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should not parse");
         }
+        let long = parse("9999h").unwrap_err().to_string();
+        assert!(long.contains("at most 366d"), "{long}");
     }
 
     #[test]
