@@ -365,7 +365,7 @@ async fn submit_example(client: &mut client::Client, path: &Path) -> Result<Vec<
 }
 
 /// Shows the live table until Ctrl-C, a daemon dies, or (with `exit_when_done`) every
-/// submitted task has settled.
+/// submitted task and all it started has settled.
 async fn watch(
     client: &mut client::Client,
     submitted: &[String],
@@ -405,13 +405,11 @@ async fn watch(
                 "succeeded" | "failed" | "stopped" | "crash_loop"
             )
         };
+        // The submitted tasks and everything they started; with nothing submitted here (no
+        // example, or a data dir picked up again), every task of the fleet.
         let mine: Vec<&v1::Task> = tasks
             .iter()
-            .filter(|t| {
-                submitted
-                    .iter()
-                    .any(|n| Some(n) == t.spec.as_ref().map(|s| &s.name))
-            })
+            .filter(|t| submitted.is_empty() || submitted.contains(&t.root))
             .collect();
         if exit_when_done && !mine.is_empty() && mine.iter().all(|t| settled(t)) {
             println!("{}", summary(&tasks, started));
