@@ -65,7 +65,38 @@ pub fn task_json(task: &v1::Task) -> Value {
     if !task.attempts.is_empty() {
         object["attempts"] = Value::Array(task.attempts.iter().map(attempt_json).collect());
     }
+    if !spec.parent_close.is_empty() {
+        object["parent_close"] = spec.parent_close.clone().into();
+    }
+    if let Some(limits) = &spec.limits {
+        object["limits"] = limits_json(limits);
+    }
     object
+}
+
+/// The limits a task set on its subtree, only those that are set.
+fn limits_json(limits: &v1::SubtreeLimits) -> Value {
+    let mut object = Map::new();
+    for (key, value) in [
+        ("max_children", limits.max_children),
+        ("max_depth", limits.max_depth),
+        ("max_descendants", limits.max_descendants),
+        ("max_running", limits.max_running),
+        ("max_restarts", limits.max_restarts),
+    ] {
+        if let Some(v) = value {
+            object.insert(key.into(), v.into());
+        }
+    }
+    for (key, value) in [
+        ("budget", &limits.budget),
+        ("restart_window", &limits.restart_window),
+    ] {
+        if !value.is_empty() {
+            object.insert(key.into(), value.clone().into());
+        }
+    }
+    Value::Object(object)
 }
 
 fn attempt_json(a: &v1::Attempt) -> Value {
@@ -381,7 +412,25 @@ pub fn show_task(t: &v1::Task) -> String {
         let _ = writeln!(out, "workdir:   {}", spec.workdir);
     }
     if !t.parent.is_empty() {
-        let _ = writeln!(out, "parent:    {} (root {})", t.parent, t.root);
+        let close = if spec.parent_close.is_empty() {
+            "stop"
+        } else {
+            &spec.parent_close
+        };
+        let _ = writeln!(
+            out,
+            "parent:    {} (root {}; when it ends: {close})",
+            t.parent, t.root
+        );
+    }
+    if let Some(limits) = &spec.limits {
+        if let Value::Object(set) = limits_json(limits) {
+            let text: Vec<String> = set
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().map_or(v.to_string(), str::to_string)))
+                .collect();
+            let _ = writeln!(out, "limits:    {}", text.join(" "));
+        }
     }
     if t.last_report_ms > 0 {
         let state = if t.report_state.is_empty() {
