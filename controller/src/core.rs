@@ -90,6 +90,14 @@ pub enum Input {
     },
     Request(Request),
     AlertAttempt(crate::alert::deliver::Attempted),
+    /// Inbox lines a task's `MUSTER_INBOX` file missed while its node was away, read off
+    /// the core thread.
+    Replayed {
+        session_id: u64,
+        node: String,
+        task: String,
+        lines: Vec<String>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -181,6 +189,11 @@ pub struct Core {
     lineage: Arc<crate::lineage::Lineage>,
     /// Signs the tokens tasks get as MUSTER_TOKEN.
     task_key: Option<crate::auth::TaskKey>,
+    /// Replays of `MUSTER_INBOX` files in flight, by (session, task), with the live lines
+    /// held back until the replay is sent, so the file stays in seq order.
+    replays: HashMap<(u64, String), Vec<String>>,
+    /// The core's own input, for work done on other threads.
+    handle: Option<CoreHandle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +254,8 @@ impl Core {
             restart_times: HashMap::new(),
             lineage: Arc::default(),
             task_key: None,
+            replays: HashMap::new(),
+            handle: None,
             store,
         };
         for mut task in loaded.tasks {
@@ -336,6 +351,11 @@ impl Core {
         self
     }
 
+    /// Gives the core a handle to its own input, for work it hands to other threads.
+    pub fn attach_handle(&mut self, handle: CoreHandle) {
+        self.handle = Some(handle);
+    }
+
     /// The parent links, for the API edge.
     pub fn lineage(&self) -> Arc<crate::lineage::Lineage> {
         self.lineage.clone()
@@ -413,6 +433,12 @@ impl Core {
             Input::Closed { session_id, node } => self.on_closed(session_id, &node),
             Input::Request(request) => self.on_request(request),
             Input::AlertAttempt(attempted) => self.on_alert_attempt(attempted),
+            Input::Replayed {
+                session_id,
+                node,
+                task,
+                lines,
+            } => self.on_replayed(session_id, &node, &task, lines),
             Input::Shutdown(_) => {}
         }
     }
@@ -522,14 +548,92 @@ impl Core {
             }
         }
         for ((node, task), lines) in lines {
-            let message = v1::ControllerMessage {
-                body: Some(v1::controller_message::Body::Deliver(v1::Deliver {
-                    task,
-                    lines,
-                })),
+            let Some(session) = self.nodes.get(&node).and_then(|n| n.session.clone()) else {
+                continue;
             };
-            if let Some(session) = self.nodes.get(&node).and_then(|n| n.session.clone()) {
-                self.send_now(&session, message);
+            if let Some(held) = self.replays.get_mut(&(session.id, task.clone())) {
+                held.extend(lines);
+                continue;
+            }
+            self.send_now(&session, deliver(task, lines));
+        }
+    }
+
+    /// After a node's (re)connect: reads, off the core thread, what each task's
+    /// `MUSTER_INBOX` file missed, from the seq the node says the file ends at.
+    fn replay_task_inboxes(&mut self, session: &SessionHandle, node: &str, hello: &v1::Hello) {
+        let Some(handle) = self.handle.clone() else {
+            return;
+        };
+        let last = self.inbox.last_seq();
+        for attempt in &hello.attempts {
+            // A file that never got a line has no known start; a task with no child has
+            // nothing to catch up on.
+            if attempt.inbox_seq == 0
+                || attempt.inbox_seq >= last
+                || !self.children.contains_key(&attempt.task)
+            {
+                continue;
+            }
+            let task = attempt.task.clone();
+            self.replays.insert((session.id, task.clone()), Vec::new());
+            let (inbox, lineage) = (self.inbox.clone(), self.lineage.clone());
+            let (from, session_id, node) = (attempt.inbox_seq + 1, session.id, node.to_string());
+            let handle = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("inbox-replay".into())
+                .spawn(move || {
+                    let lines = match inbox.read(from, REPLAY_LIMIT, |e| {
+                        !e.task.is_empty() && lineage.below(&e.task, &task)
+                    }) {
+                        Ok(events) => events
+                            .iter()
+                            .map(|e| serde_json::to_string(e).expect("events serialize"))
+                            .collect(),
+                        Err(e) => {
+                            tracing::warn!(task = %task, error = %e, "cannot read the inbox to catch a task's inbox file up");
+                            Vec::new()
+                        }
+                    };
+                    handle.send(Input::Replayed {
+                        session_id,
+                        node,
+                        task,
+                        lines,
+                    });
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start an inbox replay");
+                self.replays.remove(&(session.id, attempt.task.clone()));
+            }
+        }
+    }
+
+    /// Sends a replay, then the live lines held back meanwhile (the node skips repeats).
+    fn on_replayed(&mut self, session_id: u64, node: &str, task: &str, lines: Vec<String>) {
+        let held = self
+            .replays
+            .remove(&(session_id, task.to_string()))
+            .unwrap_or_default();
+        let Some(session) = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.session.clone())
+            .filter(|s| s.id == session_id)
+        else {
+            return;
+        };
+        tracing::debug!(
+            task,
+            replayed = lines.len(),
+            held = held.len(),
+            "task inbox file caught up"
+        );
+        for batch in [lines, held] {
+            if !batch.is_empty() {
+                self.batch
+                    .sends
+                    .push((session.clone(), deliver(task.to_string(), batch)));
             }
         }
     }
@@ -611,6 +715,18 @@ impl Core {
         if !self.pending.is_empty() {
             self.batch.place = true;
         }
+    }
+}
+
+/// At most this many events are replayed into one task's inbox file after a reconnect.
+const REPLAY_LIMIT: usize = 10_000;
+
+fn deliver(task: String, lines: Vec<String>) -> v1::ControllerMessage {
+    v1::ControllerMessage {
+        body: Some(v1::controller_message::Body::Deliver(v1::Deliver {
+            task,
+            lines,
+        })),
     }
 }
 

@@ -191,6 +191,7 @@ impl Controller {
         }
         let mut state = self.core;
         let lineage = state.lineage();
+        state.attach_handle(core.clone());
         state.attach_alert_queues(queues);
         let core_thread = state.spawn(inputs);
         let (health, health_service) = tonic_health::server::health_reporter();

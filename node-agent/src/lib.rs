@@ -13,6 +13,7 @@ pub mod runner;
 pub mod session;
 pub mod status;
 pub mod supervisor;
+pub mod task_inbox;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -71,6 +72,8 @@ pub struct Context {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// The controller's CA file, handed to children as MUSTER_CA for their own calls.
     pub tls_ca: Option<PathBuf>,
+    /// The last seq written to each task's `MUSTER_INBOX` file.
+    pub inbox_seqs: std::sync::Mutex<HashMap<String, u64>>,
     pub keeper: Arc<keeper::client::Keeper>,
     /// A random id made once per data dir.
     pub data_dir_id: String,
@@ -276,6 +279,7 @@ impl Agent {
             token: config.token,
             tls,
             tls_ca,
+            inbox_seqs: Default::default(),
             keeper,
             data_dir_id,
             // Until a Welcome says otherwise: the controller's default lease.

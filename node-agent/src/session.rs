@@ -213,7 +213,7 @@ impl Session {
                 });
             }
             Some(Body::Deliver(deliver)) => {
-                if let Err(e) = append_inbox(&self.ctx, &deliver) {
+                if let Err(e) = crate::task_inbox::append(&self.ctx, &deliver) {
                     tracing::warn!(task = %deliver.task, error = %e, "cannot write a task's inbox file");
                 }
             }
@@ -250,38 +250,6 @@ impl Drop for Connected<'_> {
 enum Extra {
     Result(CommandResult),
     Log(LogReply),
-}
-
-/// A task's inbox file is rotated to `inbox.jsonl.1` beyond this size.
-const TASK_INBOX_BYTES: u64 = 16 << 20;
-
-/// Appends delivered events to the task's `MUSTER_INBOX` file. Small and in order, so it is
-/// written here rather than on a blocking thread that could reorder two deliveries.
-fn append_inbox(ctx: &Context, deliver: &muster_proto::v1::Deliver) -> std::io::Result<()> {
-    use std::io::Write;
-    if muster_proto::spec::check_name(&deliver.task).is_err() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a task name",
-        ));
-    }
-    let path = ctx.task_inbox(&deliver.task);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() > TASK_INBOX_BYTES) {
-        std::fs::rename(&path, path.with_extension("jsonl.1"))?;
-    }
-    let mut buf = Vec::new();
-    for line in &deliver.lines {
-        buf.extend_from_slice(line.trim_end().as_bytes());
-        buf.push(b'\n');
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)?
-        .write_all(&buf)
 }
 
 fn read_log(ctx: &Context, request: LogRequest) -> LogReply {

@@ -345,6 +345,7 @@ impl Supervisor {
                     pid: status.pid,
                     started_ms: status.started_ms,
                     state: status.phase.to_string(),
+                    inbox_seq: crate::task_inbox::last_seq(&self.ctx, name),
                 }
             })
             .chain(reported)

@@ -1,5 +1,6 @@
-//! A task tree survives a controller crash: parent links, limits, a task's token and an
-//! incident held for a parent are all still there when the controller comes back.
+//! A task tree survives crashes: parent links, limits, a task's token and an incident held
+//! for a parent are all still there when the controller comes back, and a parent's
+//! `$MUSTER_INBOX` file catches up on what happened while its node agent was away.
 
 use std::time::Duration;
 
@@ -116,4 +117,86 @@ fn a_tree_survives_a_controller_crash() {
     wait_until("no process of the tree", TASK_DEADLINE, || {
         fleet.all_task_processes().is_empty().then_some(())
     });
+}
+
+/// The parent: pinned to node-1, starts a child on node-2 that exits once `go` exists.
+fn lead_spec(go: &str) -> String {
+    format!(
+        r#"
+name = "lead"
+shell = true
+command = ['''
+muster run --name kid --node-label node=node-2 --restart never -- sh -c 'while [ ! -e {go} ]; do sleep 0.1; done'
+exec sleep 600
+''']
+[placement]
+labels = {{ node = "node-1" }}
+[stop]
+grace = "1s"
+"#
+    )
+}
+
+/// The seq, kind and task of each line of an inbox file.
+fn file_events(path: &std::path::Path) -> Vec<(u64, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let e: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            (
+                seq_of(&e),
+                e["kind"].as_str().unwrap_or("").to_string(),
+                e["task"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_parents_inbox_file_catches_up_after_its_agent_was_away() {
+    let mut fleet = Fleet::start(2, FleetOptions::default());
+    let go = fleet.dir().join("go");
+    fleet.submit_toml("lead", &lead_spec(&go.display().to_string()));
+    let file = fleet.task_dir("node-1", "lead").join("inbox.jsonl");
+    wait_until("kid's start in lead's inbox file", TASK_DEADLINE, || {
+        file_events(&file)
+            .iter()
+            .any(|(_, kind, task)| kind == "attempt.started" && task == "kid")
+            .then_some(())
+    });
+
+    // node-1's agent dies; lead keeps running under its keeper. kid ends meanwhile.
+    fleet.kill_node_agent("node-1", Signal::SIGKILL);
+    std::fs::write(&go, "").expect("writing the go file");
+    let succeeded = fleet.wait_for_event(|e| is_event(e, "task.succeeded", "kid"), TASK_DEADLINE);
+    assert!(
+        !file_events(&file)
+            .iter()
+            .any(|(seq, _, _)| *seq == seq_of(&succeeded)),
+        "delivered with no agent to write it?"
+    );
+
+    fleet.start_node_agent("node-1", 4);
+    wait_until("kid's end in lead's inbox file", TASK_DEADLINE, || {
+        file_events(&file)
+            .iter()
+            .any(|(seq, _, _)| *seq == seq_of(&succeeded))
+            .then_some(())
+    });
+    let events = file_events(&file);
+    let seqs: Vec<u64> = events.iter().map(|(seq, _, _)| *seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "the file is not in seq order or has repeats: {seqs:?}"
+    );
+    // Nothing about kid that the controller wrote is missing from the file.
+    for seq in fleet.events(|e| e["task"] == "kid").iter().map(seq_of) {
+        assert!(
+            seqs.contains(&seq),
+            "event {seq} about kid is missing: {events:?}"
+        );
+    }
+    assert_eq!(fleet.show("lead")["attempt"], 1, "lead was not restarted");
 }

@@ -93,7 +93,7 @@ impl Core {
         self.batch.nodes.insert(name.clone());
 
         self.batch.sends.push((
-            session,
+            session.clone(),
             v1::ControllerMessage {
                 body: Some(v1::controller_message::Body::Welcome(v1::Welcome {
                     epoch: self.epoch,
@@ -134,6 +134,7 @@ impl Core {
             self.resolve_incident("", &name, "node_lost", "node reconnected");
         }
         tracing::info!(node = %name, epoch = self.epoch, running = hello.attempts.len(), "node session started");
+        self.replay_task_inboxes(&session, &name, &hello);
 
         self.batch.place = true;
     }
