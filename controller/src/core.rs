@@ -526,8 +526,8 @@ impl Core {
     }
 
     /// Copies each event about a task in a tree to the nodes running the task's ancestors,
-    /// for their `$MUSTER_INBOX` files. Events of a moment when an ancestor's node is away are
-    /// not copied later; the controller's inbox has them all.
+    /// for their `$MUSTER_INBOX` files. A node that is away catches up when it reconnects
+    /// (`replay_task_inboxes`).
     fn deliver_to_ancestors(&mut self, events: &[Event]) {
         let mut lines: HashMap<(String, String), Vec<String>> = HashMap::new();
         for event in events.iter().filter(|e| !e.parent.is_empty()) {
