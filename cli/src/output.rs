@@ -260,7 +260,8 @@ pub fn tasks_table(tasks: &[v1::Task], width: usize) -> String {
         .iter()
         .map(|t| {
             let name = t.spec.as_ref().map_or("", |s| s.name.as_str());
-            let mut row = vec![name.to_string(), t.state.clone(), dash(&t.node)];
+            let node = if t.state == "pending" { "" } else { &t.node };
+            let mut row = vec![name.to_string(), t.state.clone(), dash(node)];
             if nested {
                 row.push(dash(&t.parent));
             }

@@ -277,7 +277,8 @@ fn lay_out<'a>(tree: &'a Tree, stem: &str, rows: &mut Vec<Row<'a>>) {
 }
 
 fn node(tree: &Tree) -> &str {
-    if tree.task.node.is_empty() {
+    // A pending task is on no node yet, whatever its last attempt ran on.
+    if tree.task.node.is_empty() || tree.task.state == "pending" {
         "-"
     } else {
         &tree.task.node

@@ -314,9 +314,10 @@ impl Core {
             }
             "crash_loop" => {
                 let max = self.tasks[name].rules.restart.max_restarts;
+                let restarts = exited.restarts_in_window.max(max);
                 let message = format!(
-                    "{} restarts within the window, giving up: {what}",
-                    exited.restarts_in_window.max(max)
+                    "{restarts} restart{} within the window, giving up: {what}",
+                    if restarts == 1 { "" } else { "s" }
                 );
                 self.release(name, TaskState::CrashLoop, "crash_loop");
                 let event = self
