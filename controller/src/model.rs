@@ -140,6 +140,29 @@ pub struct Live {
     /// Best loss seen and reports counted, for the `ml` pack's divergence rule.
     pub loss_best: Option<f64>,
     pub loss_reports: u32,
+    /// Token bucket for reports that change the child's state: a burst of them reaches the
+    /// inbox line for line, a child flipping its state faster than that is sampled.
+    pub change_tokens: f64,
+    pub change_refilled: Instant,
+}
+
+impl Live {
+    const CHANGE_BURST: f64 = 20.0;
+    const CHANGES_PER_SECOND: f64 = 2.0;
+
+    /// Whether a report that changes the child's state may be written at once.
+    pub fn take_change(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.change_refilled).as_secs_f64();
+        self.change_tokens =
+            (self.change_tokens + refill * Self::CHANGES_PER_SECOND).min(Self::CHANGE_BURST);
+        self.change_refilled = now;
+        if self.change_tokens >= 1.0 {
+            self.change_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl TaskRecord {
@@ -178,6 +201,8 @@ impl TaskRecord {
                 log_tail: Vec::new(),
                 loss_best: None,
                 loss_reports: 0,
+                change_tokens: Live::CHANGE_BURST,
+                change_refilled: Instant::now(),
             },
         }
     }
@@ -380,5 +405,27 @@ impl Incident {
             updated_ms: self.updated_ms,
             resolved_ms: self.resolved_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_changes_pass_in_a_burst_then_at_the_refill_rate() {
+        let spec = v1::TaskSpec {
+            name: "flip".into(),
+            command: vec!["true".into()],
+            ..Default::default()
+        };
+        let mut task = TaskRecord::new(spec, String::new(), String::new(), 0);
+        let start = task.live.change_refilled;
+        let passed = (0..100).filter(|_| task.live.take_change(start)).count();
+        assert_eq!(passed, 20);
+        // Two a second come back.
+        let later = start + std::time::Duration::from_secs(1);
+        let passed = (0..100).filter(|_| task.live.take_change(later)).count();
+        assert_eq!(passed, 2);
     }
 }

@@ -470,7 +470,11 @@ impl Core {
         for (k, v) in &report.metrics {
             task.metrics.insert(k.clone(), *v);
         }
-        let state_changed = !report.state.is_empty() && report.state != task.report_state;
+        // A change of the child's state is written at once, unless the child flips its state
+        // faster than the bucket allows; then it is sampled like any other report.
+        let state_changed = !report.state.is_empty()
+            && report.state != task.report_state
+            && task.live.take_change(now);
         if !report.state.is_empty() {
             task.report_state = report.state.clone();
         }
