@@ -1083,3 +1083,48 @@ fn inbox_under_a_task_token_is_the_subtree() {
         "events outside the subtree: {tasks:?}"
     );
 }
+
+const FLIPPER: &str = r#"
+name = "flipper"
+shell = true
+command = ['''
+muster run --name flipper-kid -- python3 -c '
+import os
+with open(os.environ["MUSTER_STATUS_FILE"], "a") as f:
+    for i in range(1000):
+        f.write("{\"state\":\"%s\",\"message\":\"flip %d\"}\n" % ("blocked" if i % 2 else "running", i))
+    f.write("{\"state\":\"blocked\",\"message\":\"settled\"}\n")
+import time
+time.sleep(600)
+'
+exec sleep 600
+''']
+[stop]
+grace = "1s"
+"#;
+
+#[test]
+fn a_child_flipping_its_state_cannot_flood_the_inboxes() {
+    let fleet = Fleet::start(1, slots(4));
+    fleet.submit_toml("flipper", FLIPPER);
+    // The last line lands, sampled, once its interval is over.
+    fleet.wait_for_event(
+        |e| is_event(e, "task.report", "flipper-kid") && e["message"] == "settled",
+        TASK_DEADLINE,
+    );
+    let reports = fleet.events(|e| is_event(e, "task.report", "flipper-kid"));
+    assert!(
+        reports.len() < 100,
+        "{} report events for 1001 status lines",
+        reports.len()
+    );
+    let file = fleet
+        .task_dir(&node_of(&fleet, "flipper"), "flipper")
+        .join("inbox.jsonl");
+    let delivered = task_inbox(&file)
+        .iter()
+        .filter(|e| is_event(e, "task.report", "flipper-kid"))
+        .count();
+    assert!(delivered < 100, "{delivered} reports in the parent's file");
+    assert_eq!(fleet.show("flipper-kid")["state"], "blocked");
+}
