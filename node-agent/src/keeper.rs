@@ -3,7 +3,9 @@
 //! restarting or duplicating any child (the design of runsvdir and s6-svscan).
 //!
 //! The keeper spawns children, drains their output into the log files, reaps them and keeps
-//! their exit status until the agent has taken it. The agent talks to it over a Unix socket
+//! their exit status until the agent has taken it. It also holds the controller's lease as a
+//! backstop: a child whose lease ran out is stopped by the keeper even while the agent is
+//! dead or frozen, so the replacement the controller places never runs beside it. The agent talks to it over a Unix socket
 //! in the node's data dir, one JSON message per line; everything else (restart policy,
 //! status files, stopping process trees, the controller session) stays in the agent.
 
@@ -28,6 +30,17 @@ pub struct LaunchSpec {
     /// Run as this user; empty: as the agent.
     #[serde(default)]
     pub user: String,
+    /// Out of contact with the controller this long (as the agent last said), the keeper
+    /// stops the child itself, also when the agent is dead or frozen; 0: never.
+    #[serde(default)]
+    pub lease_ms: u64,
+    /// SIGTERM to SIGKILL when the keeper stops a child for its lease.
+    #[serde(default)]
+    pub grace_ms: u64,
+    /// How long ago the agent heard from the controller, when it asked for this spawn (None:
+    /// never); the lease clock starts no later than this.
+    #[serde(default)]
+    pub silent_ms: Option<u64>,
 }
 
 /// One child the keeper knows.
@@ -60,6 +73,10 @@ pub enum Request {
     },
     /// The agent is shutting down for good: exit once no child is left.
     Retire,
+    /// The agent heard from the controller `silent_ms` ago.
+    Contact {
+        silent_ms: u64,
+    },
 }
 
 /// Keeper to agent.
@@ -79,6 +96,9 @@ pub enum Message {
     Children {
         id: u64,
         children: Vec<ChildInfo>,
+        /// How long ago the last agent heard from the controller, if one ever told.
+        #[serde(default)]
+        silent_ms: Option<u64>,
     },
     Exit {
         key: String,

@@ -97,6 +97,8 @@ pub struct Stats {
 pub struct Contact {
     pub last: std::time::Instant,
     pub lease: Duration,
+    /// This agent has heard from the controller at least once.
+    pub heard: bool,
 }
 
 impl Context {
@@ -110,7 +112,9 @@ impl Context {
     }
 
     pub fn heard_from_controller(&self) {
-        self.contact.lock().expect("contact poisoned").last = std::time::Instant::now();
+        let mut contact = self.contact.lock().expect("contact poisoned");
+        contact.last = std::time::Instant::now();
+        contact.heard = true;
     }
 }
 
@@ -287,10 +291,20 @@ impl Agent {
             contact: std::sync::Mutex::new(Contact {
                 last: std::time::Instant::now(),
                 lease: Duration::from_secs(30),
+                heard: false,
             }),
         });
         let supervisor = Supervisor::new(ctx.clone());
-        let children = ctx.keeper.list().await?;
+        let (children, silent) = ctx.keeper.list().await?;
+        if let Some(silent) = silent {
+            // The lease clock goes on across an agent restart: a new agent must not give
+            // tasks a fresh lease the controller never granted.
+            let mut contact = ctx.contact.lock().expect("contact poisoned");
+            contact.last = std::time::Instant::now()
+                .checked_sub(silent)
+                .unwrap_or_else(std::time::Instant::now);
+            contact.heard = true;
+        }
         supervisor.adopt_all(children);
         Ok(Agent {
             supervisor,
@@ -338,6 +352,7 @@ impl Agent {
                 loop {
                     tick.tick().await;
                     supervisor.enforce_lease();
+                    supervisor.tell_keeper_contact();
                 }
             }
         });

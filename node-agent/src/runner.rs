@@ -271,6 +271,15 @@ impl Runner {
             *failures = failures.saturating_add(1);
             return decision("backoff", "spawn_error".into(), delay, None);
         }
+        if end.requested.is_none()
+            && self
+                .lease()
+                .is_some_and(|lease| self.ctx.silent_for() > lease)
+        {
+            // Ended while out of contact past the lease (the keeper stopped it, or it just
+            // ended): the controller places it again; restarting here could run it twice.
+            return decision("stopped", "lease_expired".into(), Duration::ZERO, None);
+        }
         let restart_reason = match &end.requested {
             Some(Requested::Stop(reason)) => {
                 return decision("stopped", reason.clone(), Duration::ZERO, None)
@@ -410,6 +419,12 @@ impl Runner {
                     max_file_bytes: self.ctx.log_limits.max_file_bytes,
                     max_line_bytes: self.ctx.log_limits.max_line_bytes,
                     user: self.spec.user.clone(),
+                    lease_ms: self.lease().map_or(0, |l| l.as_millis() as u64),
+                    grace_ms: self.rules.grace.as_millis() as u64,
+                    silent_ms: {
+                        let heard = self.ctx.contact.lock().expect("contact poisoned").heard;
+                        heard.then(|| self.ctx.silent_for().as_millis() as u64)
+                    },
                 };
                 if !self.spec.user.is_empty() {
                     give_to_user(
@@ -553,6 +568,16 @@ impl Runner {
             self.ctx
                 .outbox
                 .push(&self.spec.name, attempt, Kind::Report(report));
+        }
+    }
+
+    /// How long this task may run out of contact with the controller; None: for ever.
+    fn lease(&self) -> Option<Duration> {
+        match self.rules.on_disconnect {
+            muster_proto::spec::OnDisconnect::Keep => None,
+            muster_proto::spec::OnDisconnect::StopAfter(d) => {
+                Some(d.unwrap_or_else(|| self.ctx.contact.lock().expect("contact poisoned").lease))
+            }
         }
     }
 

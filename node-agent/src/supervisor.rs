@@ -315,6 +315,16 @@ impl Supervisor {
         }
     }
 
+    /// Passes the last contact with the controller on to the keeper, which stops children
+    /// whose lease ran out even if this agent cannot (frozen, killed). Only after this agent
+    /// heard from the controller itself: a fresh agent knows nothing yet.
+    pub fn tell_keeper_contact(&self) {
+        let heard = self.ctx.contact.lock().expect("contact poisoned").heard;
+        if heard {
+            self.ctx.keeper.contact(self.ctx.silent_for());
+        }
+    }
+
     /// What runs now, for Hello. The first Hello also names attempts that exited while no
     /// agent ran, so the controller waits for their exit instead of calling them lost.
     pub fn running(&self) -> Vec<RunningAttempt> {

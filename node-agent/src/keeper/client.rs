@@ -191,10 +191,15 @@ impl Keeper {
         }
     }
 
-    /// Every child the keeper knows, running or exited and not yet forgotten.
-    pub async fn list(&self) -> Result<Vec<ChildInfo>, KeeperError> {
+    /// Every child the keeper knows, running or exited and not yet forgotten, and how long
+    /// ago the previous agent last heard from the controller (if it ever said).
+    pub async fn list(&self) -> Result<(Vec<ChildInfo>, Option<std::time::Duration>), KeeperError> {
         match self.ask(|id| Request::List { id }).await? {
-            Message::Children { children, .. } => Ok(children),
+            Message::Children {
+                children,
+                silent_ms,
+                ..
+            } => Ok((children, silent_ms.map(std::time::Duration::from_millis))),
             _ => Err(KeeperError::Gone),
         }
     }
@@ -208,6 +213,13 @@ impl Keeper {
             .remove(key);
         let _ = self.send(&Request::Forget {
             key: key.to_string(),
+        });
+    }
+
+    /// Tells the keeper when the controller was last heard from, for its lease backstop.
+    pub fn contact(&self, silent: std::time::Duration) {
+        let _ = self.send(&Request::Contact {
+            silent_ms: silent.as_millis() as u64,
         });
     }
 

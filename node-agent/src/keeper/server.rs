@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -22,10 +24,23 @@ const IDLE_EXIT: Duration = Duration::from_secs(60);
 #[derive(Default)]
 struct State {
     children: HashMap<String, ChildInfo>,
+    /// Children with a lease, by attempt key.
+    leases: HashMap<String, Lease>,
+    /// When the agent last heard from the controller, as it told us.
+    last_contact: Option<Instant>,
     /// The connected agent, if any: output lines (bounded, dropped when full) and
     /// everything else (never dropped).
     agent: Option<AgentLink>,
     retiring: bool,
+}
+
+struct Lease {
+    pid: u32,
+    lease: Duration,
+    grace: Duration,
+    /// When the keeper sent SIGTERM for the lease, and whether SIGKILL followed.
+    terminated: Option<Instant>,
+    killed: bool,
 }
 
 #[derive(Clone)]
@@ -73,6 +88,7 @@ pub async fn run(data_dir: PathBuf) -> std::io::Result<()> {
             }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
+        enforce_leases(&state);
         let (busy, retiring) = {
             let s = state.lock().expect("keeper state poisoned");
             let running = s.children.values().any(|c| !c.exited);
@@ -88,6 +104,39 @@ pub async fn run(data_dir: PathBuf) -> std::io::Result<()> {
             tracing::info!("keeper exiting: no child left");
             let _ = std::fs::remove_file(&socket);
             return Ok(());
+        }
+    }
+}
+
+/// Stops every child whose lease ran out: SIGTERM to its tree at the lease, SIGKILL after its
+/// grace. The agent does the same when it can; this holds while it cannot.
+fn enforce_leases(state: &Shared) {
+    let mut s = state.lock().expect("keeper state poisoned");
+    let State {
+        children,
+        leases,
+        last_contact,
+        ..
+    } = &mut *s;
+    let Some(silent) = last_contact.map(|t| t.elapsed()) else {
+        return;
+    };
+    leases.retain(|key, _| children.get(key).is_some_and(|c| !c.exited));
+    for (key, lease) in leases.iter_mut() {
+        if silent <= lease.lease || lease.killed {
+            continue;
+        }
+        match lease.terminated {
+            None => {
+                tracing::warn!(key = %key, silent_s = silent.as_secs(), "lease expired and no agent stopped the child; the keeper stops it");
+                process::signal_tree(lease.pid, key, Signal::SIGTERM);
+                lease.terminated = Some(Instant::now());
+            }
+            Some(at) if at.elapsed() >= lease.grace => {
+                process::signal_tree(lease.pid, key, Signal::SIGKILL);
+                lease.killed = true;
+            }
+            Some(_) => {}
         }
     }
 }
@@ -157,14 +206,15 @@ async fn handle(request: Request, state: &Shared, reply: &mpsc::UnboundedSender<
             let _ = reply.send(message);
         }
         Request::List { id } => {
-            let children = state
-                .lock()
-                .expect("keeper state poisoned")
-                .children
-                .values()
-                .cloned()
-                .collect();
-            let _ = reply.send(Message::Children { id, children });
+            let s = state.lock().expect("keeper state poisoned");
+            let children = s.children.values().cloned().collect();
+            let silent_ms = s.last_contact.map(|t| t.elapsed().as_millis() as u64);
+            drop(s);
+            let _ = reply.send(Message::Children {
+                id,
+                children,
+                silent_ms,
+            });
         }
         Request::Forget { key } => {
             let mut s = state.lock().expect("keeper state poisoned");
@@ -173,10 +223,25 @@ async fn handle(request: Request, state: &Shared, reply: &mpsc::UnboundedSender<
             }
         }
         Request::Retire => state.lock().expect("keeper state poisoned").retiring = true,
+        Request::Contact { silent_ms } => contact(state, silent_ms),
+    }
+}
+
+/// The agent heard from the controller `silent_ms` ago. Contact only moves forward.
+fn contact(state: &Shared, silent_ms: u64) {
+    let at = Instant::now()
+        .checked_sub(Duration::from_millis(silent_ms))
+        .unwrap_or_else(Instant::now);
+    let mut s = state.lock().expect("keeper state poisoned");
+    if s.last_contact.is_none_or(|last| at > last) {
+        s.last_contact = Some(at);
     }
 }
 
 fn spawn(spec: LaunchSpec, state: Shared) -> Result<(u32, u64), process::SpawnError> {
+    if let Some(silent_ms) = spec.silent_ms {
+        contact(&state, silent_ms);
+    }
     let launch = Launch {
         argv: spec.argv.clone(),
         shell: spec.shell,
@@ -188,21 +253,31 @@ fn spawn(spec: LaunchSpec, state: Shared) -> Result<(u32, u64), process::SpawnEr
     let spawned = process::spawn(&launch)?;
     let pid = spawned.pid;
     let start = start_time(pid).unwrap_or(0);
-    state
-        .lock()
-        .expect("keeper state poisoned")
-        .children
-        .insert(
+    let mut s = state.lock().expect("keeper state poisoned");
+    if spec.lease_ms > 0 {
+        s.leases.insert(
             spec.key.clone(),
-            ChildInfo {
-                key: spec.key.clone(),
+            Lease {
                 pid,
-                start_time: start,
-                exit_code: None,
-                signal: None,
-                exited: false,
+                lease: Duration::from_millis(spec.lease_ms),
+                grace: Duration::from_millis(spec.grace_ms),
+                terminated: None,
+                killed: false,
             },
         );
+    }
+    s.children.insert(
+        spec.key.clone(),
+        ChildInfo {
+            key: spec.key.clone(),
+            pid,
+            start_time: start,
+            exit_code: None,
+            signal: None,
+            exited: false,
+        },
+    );
+    drop(s);
 
     let limits = LogLimits {
         max_file_bytes: spec.max_file_bytes,
