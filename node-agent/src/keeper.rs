@@ -62,7 +62,7 @@ pub struct ChildInfo {
 pub enum Request {
     Spawn {
         id: u64,
-        launch: LaunchSpec,
+        launch: Box<LaunchSpec>,
     },
     List {
         id: u64,

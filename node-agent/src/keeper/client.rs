@@ -173,7 +173,10 @@ impl Keeper {
             message: "the keeper is gone".into(),
         };
         match self
-            .ask(|id| Request::Spawn { id, launch })
+            .ask(|id| Request::Spawn {
+                id,
+                launch: Box::new(launch),
+            })
             .await
             .map_err(gone)?
         {

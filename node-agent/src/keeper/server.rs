@@ -190,7 +190,7 @@ async fn serve(stream: UnixStream, state: Shared) {
 async fn handle(request: Request, state: &Shared, reply: &mpsc::UnboundedSender<Message>) {
     match request {
         Request::Spawn { id, launch } => {
-            let message = spawn(launch, state.clone());
+            let message = spawn(*launch, state.clone());
             let message = match message {
                 Ok((pid, start_time)) => Message::Spawned {
                     id,
