@@ -58,6 +58,11 @@ impl From<tonic::Status> for Failure {
             {
                 "controller unreachable (is it running? see --controller)".to_string()
             }
+            // A plaintext call to a TLS port fails deep in HTTP/2.
+            _ if status.message().contains("h2 protocol error") => format!(
+                "{} (does the controller speak TLS? use an https:// URL)",
+                status.message()
+            ),
             _ => status.message().to_string(),
         };
         Failure { message, code }

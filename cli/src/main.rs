@@ -1022,6 +1022,7 @@ async fn follow_inbox(
                 if matches!(
                     status.code(),
                     tonic::Code::InvalidArgument
+                        | tonic::Code::NotFound
                         | tonic::Code::PermissionDenied
                         | tonic::Code::Unauthenticated
                 ) =>

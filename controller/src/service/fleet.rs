@@ -55,6 +55,19 @@ impl Fleet {
         }
     }
 
+    /// A subtree filter must name a task: a typo is an error, not an empty answer (or a
+    /// watch that waits for ever).
+    async fn subtree_exists(&self, subtree: &str) -> Result<(), Status> {
+        if subtree.is_empty() {
+            return Ok(());
+        }
+        check_task_name("subtree", subtree)?;
+        let name = subtree.to_string();
+        self.ask(|reply| core_::Request::Get { name, reply })
+            .await
+            .map(|_| ())
+    }
+
     /// A task's token may read its own subtree.
     fn may_read(&self, caller: &Caller, task: &str) -> Result<(), Status> {
         match &caller.task {
@@ -216,6 +229,7 @@ impl FleetService for Fleet {
         let caller = self.auth.identify(&request, Role::Viewer)?;
         let mut filter = request.into_inner();
         filter.subtree = self.bound(&caller, std::mem::take(&mut filter.subtree))?;
+        self.subtree_exists(&filter.subtree).await?;
         if !filter.state.is_empty() && crate::model::TaskState::parse(&filter.state).is_none() {
             return Err(Status::invalid_argument(format!(
                 "state {:?} is not a task state",
@@ -283,6 +297,7 @@ impl FleetService for Fleet {
         let caller = self.auth.identify(&request, Role::Viewer)?;
         let mut r = request.into_inner();
         r.subtree = self.bound(&caller, std::mem::take(&mut r.subtree))?;
+        self.subtree_exists(&r.subtree).await?;
         let lineage = self.lineage.clone();
         let limit = if r.limit == 0 {
             1000
@@ -313,6 +328,7 @@ impl FleetService for Fleet {
         let caller = self.auth.identify(&request, Role::Viewer)?;
         let mut r = request.into_inner();
         r.subtree = self.bound(&caller, std::mem::take(&mut r.subtree))?;
+        self.subtree_exists(&r.subtree).await?;
         let lineage = self.lineage.clone();
         // Subscribe before reading history, so nothing falls between the two.
         let mut live = self.inbox.subscribe();
@@ -385,6 +401,7 @@ impl FleetService for Fleet {
         let r = request.into_inner();
         let all = r.all;
         let subtree = self.bound(&caller, r.subtree)?;
+        self.subtree_exists(&subtree).await?;
         let mut incidents = self
             .ask(|reply| core_::Request::Incidents { all, reply })
             .await?;
