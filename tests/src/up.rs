@@ -49,6 +49,30 @@ impl Up {
     }
 
     /// Waits for `muster up` to exit on its own; None if it ran past the deadline.
+    /// Waits for `muster up` to exit on its own, and asserts that it exited 0 within
+    /// `deadline` and left no process of the fleet behind.
+    pub fn run_to_end(&mut self, deadline: Duration) {
+        let status = self.wait(deadline);
+        let root = self
+            .data_dir
+            .parent()
+            .expect("the data dir is below the root");
+        let report = format!(
+            "stdout:\n{}\nstderr:\n{}\ncontroller log:\n{}",
+            file_tail(&root.join("up.out"), 40),
+            file_tail(&root.join("up.err"), 20),
+            file_tail(&self.data_dir.join("logs/controller.log"), 20)
+        );
+        let status = status
+            .unwrap_or_else(|| panic!("muster up ran past {}s\n{report}", deadline.as_secs()));
+        assert!(status.success(), "muster up exited {status}\n{report}");
+        let left = self.leftovers();
+        assert!(
+            left.is_empty(),
+            "processes of the fleet outlived muster up: {left:?}"
+        );
+    }
+
     pub fn wait(&mut self, deadline: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut().expect("muster up was started");
         let status = crate::process::poll_until(deadline, || child.try_wait().ok().flatten());

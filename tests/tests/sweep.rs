@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use muster_e2e::inbox::{read_inbox_dir, tail};
-use muster_e2e::up::{file_tail, Up};
+use muster_e2e::up::Up;
 use muster_e2e::{attempt_of, is_event, reason};
 
 const SWEEP_DEADLINE: Duration = Duration::from_secs(8 * 60);
@@ -23,29 +23,7 @@ fn muster_up_runs_the_ml_sweep_to_the_end() {
         .expect("a temp dir");
     let mut up = Up::start(root.path(), &[]);
 
-    let status = up.wait(SWEEP_DEADLINE);
-
-    let report = || {
-        format!(
-            "stdout:\n{}\nstderr:\n{}\ncontroller log:\n{}",
-            file_tail(&root.path().join("up.out"), 40),
-            file_tail(&root.path().join("up.err"), 20),
-            file_tail(&up.data_dir.join("logs/controller.log"), 20)
-        )
-    };
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "muster up ran past {}s\n{}",
-            SWEEP_DEADLINE.as_secs(),
-            report()
-        )
-    });
-    assert!(status.success(), "muster up exited {status}\n{}", report());
-    let left = up.leftovers();
-    assert!(
-        left.is_empty(),
-        "processes of the fleet outlived muster up: {left:?}"
-    );
+    up.run_to_end(SWEEP_DEADLINE);
 
     let inbox = read_inbox_dir(&up.data_dir.join("controller/inbox"));
     let has = |check: &dyn Fn(&Value) -> bool, what: &str| {

@@ -666,40 +666,17 @@ grace = "1s"
 }
 
 const WORKERS: &str = r#"
-[[task]]
-name = "w1"
+name = "w{n}"
 command = ["sh", "-c", "exit 1"]
-[task.restart]
+[matrix]
+n = [1, 2, 3]
+[restart]
 policy = "always"
 backoff_initial = "100ms"
 backoff_max = "200ms"
 max_restarts = 1000
 window = "10m"
-[task.stop]
-grace = "1s"
-
-[[task]]
-name = "w2"
-command = ["sh", "-c", "exit 1"]
-[task.restart]
-policy = "always"
-backoff_initial = "100ms"
-backoff_max = "200ms"
-max_restarts = 1000
-window = "10m"
-[task.stop]
-grace = "1s"
-
-[[task]]
-name = "w3"
-command = ["sh", "-c", "exit 1"]
-[task.restart]
-policy = "always"
-backoff_initial = "100ms"
-backoff_max = "200ms"
-max_restarts = 1000
-window = "10m"
-[task.stop]
+[stop]
 grace = "1s"
 "#;
 

@@ -338,8 +338,10 @@ impl Core {
         (out.into_iter().map(TaskRecord::to_proto).collect(), next)
     }
 
-    fn operator_action(&mut self, caller: &str, action: &str, task: &str) {
-        let event = self
+    /// The `operator.action` event of a call; `subtree` counts the descendants a stop or
+    /// restart acted on.
+    fn operator_action(&mut self, caller: &str, action: &str, task: &str, subtree: Option<usize>) {
+        let mut event = self
             .task_event(
                 task,
                 "operator.action",
@@ -349,6 +351,9 @@ impl Core {
             .with("action", action)
             .with("caller", caller)
             .with("reason", "operator");
+        if let Some(n) = subtree {
+            event = event.with("subtree", n);
+        }
         self.emit(event);
     }
 
@@ -365,18 +370,7 @@ impl Core {
         if state.is_final() && descendants.is_empty() {
             return Ok(self.tasks[name].to_proto());
         }
-        let event = self
-            .task_event(
-                name,
-                "operator.action",
-                Severity::Info,
-                format!("{caller}: stop {name}"),
-            )
-            .with("action", "stop")
-            .with("caller", caller)
-            .with("reason", "operator")
-            .with("subtree", descendants.len());
-        self.emit(event);
+        self.operator_action(caller, "stop", name, Some(descendants.len()));
         for task in descendants.iter().rev() {
             self.stop_one(task, "operator");
         }
@@ -411,18 +405,7 @@ impl Core {
             }
         }
         let descendants = self.descendants(name);
-        let event = self
-            .task_event(
-                name,
-                "operator.action",
-                Severity::Info,
-                format!("{caller}: restart {name}"),
-            )
-            .with("action", "restart")
-            .with("caller", caller)
-            .with("reason", "operator")
-            .with("subtree", descendants.len());
-        self.emit(event);
+        self.operator_action(caller, "restart", name, Some(descendants.len()));
         self.restart_one(name);
         for task in descendants {
             self.restart_one(&task);
@@ -439,7 +422,7 @@ impl Core {
             )));
         }
         let node = task.node.clone();
-        self.operator_action(caller, &format!("signal {signal}"), name);
+        self.operator_action(caller, &format!("signal {signal}"), name, None);
         let action = v1::command::Action::Signal(v1::SignalTask {
             task: name.to_string(),
             signal,
