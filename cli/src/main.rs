@@ -58,7 +58,8 @@ enum Cmd {
         /// Start the fleet without submitting an example.
         #[arg(long)]
         no_example: bool,
-        /// Exit 0 once every submitted task has settled (final state or crash_loop).
+        /// Exit 0 once every submitted task, and every task it started, has settled (final
+        /// state or crash_loop); with --no-example, every task of the fleet.
         #[arg(long)]
         exit_when_done: bool,
         /// Run the fleet with mTLS (a development CA and certificates in DATA_DIR/certs).
@@ -85,8 +86,10 @@ enum Cmd {
         /// Only tasks with this label, key=value (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// Only the direct children of this task.
         #[arg(long)]
         parent: Option<String>,
+        /// Only the tasks of the tree whose root is this task.
         #[arg(long)]
         root: Option<String>,
         /// Only this task and all its descendants.
@@ -135,13 +138,13 @@ enum Cmd {
         #[arg(long, default_value_t = 16384)]
         tail: u64,
     },
-    /// Stop a task.
+    /// Stop a task and its whole subtree (`keep` children too).
     Stop {
         task: String,
         #[arg(long)]
         json: bool,
     },
-    /// Restart a task (a final or crash-looping task is placed again).
+    /// Restart a task and every task below it (ended ones are placed again).
     Restart {
         task: String,
         #[arg(long)]

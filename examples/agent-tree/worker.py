@@ -235,8 +235,9 @@ def main(argv=None):
     write_json(args.out, result)
     best = max(result["correct"], key=result["correct"].get)
     acc = result["correct"][best] / result["rows"]
+    extra = {"parts_done": len(result["helpers"])} if args.helpers else {}
     status("done", f"best {best} acc {acc:.4f} ({result['rows']} rows)",
-           step=result["rows"], best_acc=round(acc, 4))
+           step=result["rows"], best_acc=round(acc, 4), **extra)
     log(f"wrote {args.out}: best {best} acc {acc:.4f}")
     return 0
 

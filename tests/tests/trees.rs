@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use muster_e2e::receiver::{controller_config, describe, Receiver};
 use muster_e2e::{
-    is_event, pid_alive, poll_until, reason, seq_of, wait_until, Fleet, FleetOptions, TASK_DEADLINE,
+    attempt_of, is_event, pid_alive, poll_until, reason, seq_of, wait_until, Fleet, FleetOptions,
+    TASK_DEADLINE,
 };
 
 /// For a notification to reach a receiver (grouping window and pacing included).
@@ -766,6 +767,34 @@ grace = "1s"
     assert_eq!(listed.len(), 1, "{listed:#?}");
     assert_eq!(listed[0]["task"], "sup", "{listed:#?}");
     assert_eq!(listed[0]["reason"], "restart_intensity", "{listed:#?}");
+
+    // Resolving it counts the subtree's restarts afresh: a new crasher restarts again.
+    let id = listed[0]["id"]
+        .as_u64()
+        .expect("an incident id")
+        .to_string();
+    fleet.muster_ok(&["resolve", &id]);
+    fleet.muster_ok(&[
+        "run",
+        "--parent",
+        "sup",
+        "--name",
+        "w5",
+        "--restart",
+        "always",
+        "--backoff-initial",
+        "100ms",
+        "--backoff-max",
+        "200ms",
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    fleet.wait_for_event(
+        |e| is_event(e, "attempt.started", "w5") && attempt_of(e) >= 3,
+        TASK_DEADLINE,
+    );
 }
 
 /// The parent acks every incident of `quiet` from its inbox with its own token, then starts

@@ -164,6 +164,10 @@ impl Core {
             incident.reason.clone(),
         ));
         let was_acked = incident.state == "acked";
+        if incident.reason == super::tree::RESTART_INTENSITY {
+            // A person looked at the subtree: its restarts are counted afresh.
+            self.restart_times.remove(&incident.task);
+        }
         incident.state = "resolved".into();
         incident.resolved_ms = now_ms();
         incident.updated_ms = incident.resolved_ms;

@@ -135,7 +135,8 @@ impl Core {
             let have = self.children.get(parent).map_or(0, Vec::len) as u32;
             if have + adding > max {
                 return Err(refused(format!(
-                    "limit max_children = {max} (set on {holder}) reached: {parent} has {have} children{batch}"
+                    "limit max_children = {max} (set on {holder}) reached: {parent} has {have} {}{batch}",
+                    if have == 1 { "child" } else { "children" }
                 )));
             }
         }
