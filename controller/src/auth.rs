@@ -199,13 +199,13 @@ impl Auth {
 
     /// The caller's name if the request may do what `need` allows; task tokens are refused.
     pub fn check<T>(&self, request: &Request<T>, need: Role) -> Result<String, Status> {
-        if bearer(request)?.is_some_and(|t| t.starts_with(TASK_TOKEN_PREFIX)) {
+        let token = bearer(request)?;
+        if token.is_some_and(|t| t.starts_with(TASK_TOKEN_PREFIX)) {
             return Err(Status::permission_denied(
                 "a task's token acts only on tasks of its own subtree; this call is about the fleet",
             ));
         }
-        let header = request.metadata().get("authorization");
-        if header.is_none() || self.tokens.is_empty() {
+        if token.is_none() || self.tokens.is_empty() {
             if let Some(cn) = peer_common_name(request).filter(|_| self.mtls) {
                 return check_certificate(&cn, need);
             }
@@ -216,18 +216,10 @@ impl Auth {
                 ));
             }
         }
-        let header = header.ok_or_else(|| {
+        let token = token.ok_or_else(|| {
             Status::unauthenticated("no token and no client certificate: send `authorization: Bearer TOKEN` (muster reads MUSTER_TOKEN) or connect with a certificate")
         })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer TOKEN`"))?;
-        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Compare every stored hash in full, so timing says nothing about which matched.
         let mut found = None;
         for t in &self.tokens {

@@ -447,17 +447,6 @@ impl Core {
     /// decided to do.
     fn commit(&mut self) -> Result<(), CoreError> {
         let mut batch = std::mem::take(&mut self.batch);
-        for event in &mut batch.events {
-            // Every event about a task in a tree names its parent and root.
-            if event.parent.is_empty() && !event.task.is_empty() {
-                if let Some(t) = self.tasks.get(&event.task) {
-                    if !t.parent.is_empty() {
-                        event.parent = t.parent.clone();
-                        event.root = t.root.clone();
-                    }
-                }
-            }
-        }
         self.inbox.number(&mut batch.events);
         let changes = Changes {
             tasks: batch

@@ -128,12 +128,6 @@ impl Inbox {
         Ok(())
     }
 
-    /// Makes numbering continue after `seq` (the state store may know later events).
-    pub fn continue_after(&self, seq: u64) {
-        let mut numbered = self.numbered.lock().expect("inbox numbering poisoned");
-        *numbered = (*numbered).max(seq);
-    }
-
     /// Hands durable events to watchers.
     pub fn publish(&self, events: Vec<Event>) {
         for event in events {

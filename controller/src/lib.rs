@@ -91,7 +91,6 @@ pub struct Controller {
     auth: Arc<auth::Auth>,
     http: Option<TcpListener>,
     tls: Option<tonic::transport::ServerTlsConfig>,
-    tls_enabled: bool,
 }
 
 impl Controller {
@@ -160,7 +159,6 @@ impl Controller {
             alerts: options.settings.alerts,
             auth: Arc::new(auth),
             http,
-            tls_enabled: tls.is_some(),
             tls,
         })
     }
@@ -256,7 +254,7 @@ impl Controller {
                 }
             }));
         }
-        let url = if self.tls_enabled {
+        let url = if self.tls.is_some() {
             format!("https://{}", self.addr)
         } else {
             format!("http://{}", self.addr)

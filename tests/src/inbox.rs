@@ -84,3 +84,11 @@ pub fn tail(events: &[Value], n: usize) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// An event's `ts` in Unix milliseconds.
+pub fn ts_ms(e: &Value) -> i64 {
+    let ts = e["ts"].as_str().unwrap_or("");
+    time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or_else(|_| panic!("an inbox event without an RFC 3339 ts: {e}"))
+}

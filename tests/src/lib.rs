@@ -14,7 +14,7 @@ pub mod up;
 use std::time::Duration;
 
 pub use fleet::{Fleet, FleetOptions, TaskProcess, FAST_CONTROLLER};
-pub use inbox::{attempt_of, is_event, reason, seq_of};
+pub use inbox::{attempt_of, is_event, reason, seq_of, ts_ms};
 pub use process::{
     pid_alive, poll_until, processes_with_arg_containing, processes_with_env, wait_until,
 };

@@ -166,3 +166,13 @@ pub fn binary_dir() -> std::path::PathBuf {
     }
     dir.to_path_buf()
 }
+
+/// A child process killed and reaped when dropped, also when a test panics.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -48,7 +48,6 @@ impl Up {
         }
     }
 
-    /// Waits for `muster up` to exit on its own; None if it ran past the deadline.
     /// Waits for `muster up` to exit on its own, and asserts that it exited 0 within
     /// `deadline` and left no process of the fleet behind.
     pub fn run_to_end(&mut self, deadline: Duration) {
@@ -73,6 +72,7 @@ impl Up {
         );
     }
 
+    /// Waits for `muster up` to exit on its own; None if it ran past the deadline.
     pub fn wait(&mut self, deadline: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut().expect("muster up was started");
         let status = crate::process::poll_until(deadline, || child.try_wait().ok().flatten());

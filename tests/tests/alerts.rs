@@ -11,7 +11,7 @@ use serde_json::Value;
 use muster_e2e::process::{binary_dir, run_with_deadline, signal_pid};
 use muster_e2e::receiver::{controller_config, describe, Answer, Receiver, Request, ROUTING_KEY};
 use muster_e2e::{
-    attempt_of, is_event, pid_alive, poll_until, reason, seq_of, Fleet, FleetOptions,
+    attempt_of, is_event, pid_alive, poll_until, reason, seq_of, ts_ms, Fleet, FleetOptions,
 };
 use muster_e2e::{CLI_DEADLINE, TASK_DEADLINE};
 
@@ -711,7 +711,7 @@ fn incident_resolved_within_the_window_is_never_sent() {
         TASK_DEADLINE,
     );
 
-    let open_for = event_ms(&resolved) - event_ms(&opened);
+    let open_for = ts_ms(&resolved) - ts_ms(&opened);
     assert!(
         open_for < window.as_millis() as i64,
         "the machine took {open_for}ms to resolve, longer than the window: inconclusive"
@@ -724,14 +724,6 @@ fn incident_resolved_within_the_window_is_never_sent() {
     );
     let outcomes = fleet.events(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("alert.")));
     assert!(outcomes.is_empty(), "{outcomes:#?}");
-}
-
-/// The event's ts in Unix milliseconds.
-fn event_ms(e: &Value) -> i64 {
-    let ts = e["ts"].as_str().unwrap_or("");
-    time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-        .unwrap_or_else(|_| panic!("an inbox event without an RFC 3339 ts: {e}"))
 }
 
 #[test]
@@ -973,7 +965,7 @@ fn acked_incident_holds_the_heartbeat_restart() {
             .pop()
     });
 
-    let acked_after = event_ms(&acked) - event_ms(&opened);
+    let acked_after = ts_ms(&acked) - ts_ms(&opened);
     assert!(
         acked_after < 8000,
         "acked {acked_after}ms after the incident, past the heartbeat timeout: inconclusive"

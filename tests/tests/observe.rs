@@ -192,13 +192,7 @@ fn inbox_follow_survives_a_controller_restart() {
     );
     fleet.wait_for_task_state("before", "running", TASK_DEADLINE);
     let out_path = fleet.dir().join("follow.jsonl");
-    let bins = std::env::current_exe()
-        .expect("test path")
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/release")
-        .to_path_buf();
-    let mut follower = std::process::Command::new(bins.join("muster"))
+    let follower = std::process::Command::new(muster_e2e::process::binary_dir().join("muster"))
         .args([
             "--controller",
             fleet.url(),
@@ -213,6 +207,7 @@ fn inbox_follow_survives_a_controller_restart() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("starting muster inbox --follow");
+    let follower = muster_e2e::process::KillOnDrop(follower);
 
     wait_until(
         "the follower to print the first events",
@@ -250,8 +245,7 @@ fn inbox_follow_survives_a_controller_restart() {
             seqs.contains(&last_seq).then_some(seqs)
         },
     );
-    let _ = follower.kill();
-    let _ = follower.wait();
+    drop(follower);
 
     let expected: Vec<u64> = (1..=*seqs.last().expect("events")).collect();
     assert_eq!(

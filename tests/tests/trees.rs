@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use muster_e2e::receiver::{controller_config, describe, Receiver};
 use muster_e2e::{
-    attempt_of, is_event, pid_alive, poll_until, reason, seq_of, wait_until, Fleet, FleetOptions,
-    TASK_DEADLINE,
+    attempt_of, is_event, pid_alive, poll_until, reason, seq_of, ts_ms, wait_until, Fleet,
+    FleetOptions, TASK_DEADLINE,
 };
 
 /// For a notification to reach a receiver (grouping window and pacing included).
@@ -883,7 +883,7 @@ fn incidents_go_to_the_parent_first_and_to_people_only_unacknowledged() {
         TASK_DEADLINE,
     );
     assert_eq!(escalated["task"], "loud", "{escalated}");
-    let held_ms = event_ms(&escalated) - event_ms(&loud);
+    let held_ms = ts_ms(&escalated) - ts_ms(&loud);
     assert!(
         held_ms >= 4900,
         "escalated {held_ms} ms after it opened, before the parent's 5s"
@@ -922,13 +922,6 @@ fn incidents_go_to_the_parent_first_and_to_people_only_unacknowledged() {
     assert!(quiet_alerts.is_empty(), "{quiet_alerts:#?}");
     assert!(message.text().contains("loud"));
     slack.assert_all_valid();
-}
-
-fn event_ms(e: &Value) -> i64 {
-    let ts = e["ts"].as_str().unwrap_or("");
-    time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-        .unwrap_or_else(|_| panic!("an inbox event without an RFC 3339 ts: {e}"))
 }
 
 #[test]
@@ -1127,6 +1120,16 @@ fn a_child_flipping_its_state_cannot_flood_the_inboxes() {
     let file = fleet
         .task_dir(&node_of(&fleet, "flipper"), "flipper")
         .join("inbox.jsonl");
+    wait_until(
+        "the settled report in the parent's file",
+        TASK_DEADLINE,
+        || {
+            task_inbox(&file)
+                .iter()
+                .any(|e| is_event(e, "task.report", "flipper-kid") && e["message"] == "settled")
+                .then_some(())
+        },
+    );
     let delivered = task_inbox(&file)
         .iter()
         .filter(|e| is_event(e, "task.report", "flipper-kid"))

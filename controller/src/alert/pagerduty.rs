@@ -62,7 +62,8 @@ pub fn event(notice: &Notice, routing_key: &str, source: &str) -> Value {
         "payload": {
             "summary": super::truncate(&notice.summary(), SUMMARY_MAX),
             "source": if first.node.is_empty() { source.to_string() } else { first.node.clone() },
-            "severity": severity(&notice.severity),
+            // PagerDuty knows critical, error, warning and info, as Muster does.
+            "severity": crate::event::Severity::from_name(&notice.severity).as_str(),
             "timestamp": notice.ts,
             "component": component,
             "group": group,
@@ -70,16 +71,6 @@ pub fn event(notice: &Notice, routing_key: &str, source: &str) -> Value {
             "custom_details": details,
         },
     })
-}
-
-/// PagerDuty knows critical, error, warning and info.
-fn severity(s: &str) -> &'static str {
-    match s {
-        "critical" => "critical",
-        "warning" => "warning",
-        "info" => "info",
-        _ => "error",
-    }
 }
 
 #[cfg(test)]

@@ -270,18 +270,17 @@ impl Core {
             }
         }
         // Resolved groups are kept only until their last notification is out.
+        let sending: std::collections::HashSet<u64> = self
+            .alerts
+            .deliveries
+            .values()
+            .map(|d| d.notice.group)
+            .collect();
         let done: Vec<u64> = self
             .alerts
             .groups
             .values()
-            .filter(|g| {
-                g.state == "resolved"
-                    && !self
-                        .alerts
-                        .deliveries
-                        .values()
-                        .any(|d| d.notice.group == g.id)
-            })
+            .filter(|g| g.state == "resolved" && !sending.contains(&g.id))
             .map(|g| g.id)
             .collect();
         for gid in done {

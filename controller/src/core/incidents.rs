@@ -230,17 +230,19 @@ impl Core {
             } else {
                 "un-acknowledged"
             };
-            let mut event = Event::new(
-                "incident.acked",
-                Severity::Info,
-                format!("incident {id} {verb} by {caller}"),
-            )
-            .with("incident", id)
-            .with("reason", incident.reason.clone())
-            .with("acked", acked)
-            .with("caller", caller);
-            event.task = incident.task.clone();
-            event.node = incident.node.clone();
+            let event = self
+                .task_event(
+                    &incident.task,
+                    "incident.acked",
+                    Severity::Info,
+                    format!("incident {id} {verb} by {caller}"),
+                )
+                .node(&incident.node)
+                .attempt(0)
+                .with("incident", id)
+                .with("reason", incident.reason.clone())
+                .with("acked", acked)
+                .with("caller", caller);
             self.emit(event);
             self.update_hold(&incident.task);
             if acked {

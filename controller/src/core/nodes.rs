@@ -38,22 +38,8 @@ impl Core {
         let node = self
             .nodes
             .entry(name.clone())
-            .or_insert_with(|| NodeRecord {
-                name: name.clone(),
-                state: NodeState::Ready,
-                capacity: v1::Capacity::default(),
-                used: v1::Capacity::default(),
-                labels: Default::default(),
-                version: String::new(),
-                memory: Default::default(),
-                last_seen: Instant::now(),
-                last_seen_ms: now_ms(),
-                session: None,
-                tasks: HashSet::new(),
-                returns: Default::default(),
-                damped_until: None,
-                cordoned: false,
-            });
+            // Its state, contact and capacity are set from the Hello below.
+            .or_insert_with(|| NodeRecord::restored(name.clone()));
         let was_lost = node.state == NodeState::Lost;
         if was_lost {
             // Three returns within ten minutes: a flapping node; give it no new task for five.
@@ -288,10 +274,10 @@ impl Core {
                 "replaced attempt {} on {node} ended ({reason})",
                 event.attempt
             );
-            let mut e = Event::new("attempt.exited", Severity::Info, message)
+            let e = self
+                .task_event(&event.task, "attempt.exited", Severity::Info, message)
                 .node(node)
                 .attempt(event.attempt);
-            e.task = event.task.clone();
             self.emit(e.with("reason", reason).with("replaced", true));
             return;
         }

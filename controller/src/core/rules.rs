@@ -10,15 +10,6 @@ use super::Core;
 use crate::event::Severity;
 use crate::model::TaskState;
 
-fn severity(name: &str) -> Severity {
-    match name {
-        "info" => Severity::Info,
-        "warning" => Severity::Warning,
-        "critical" => Severity::Critical,
-        _ => Severity::Error,
-    }
-}
-
 impl Core {
     /// An output rule matched a log line or report message on the node.
     pub(super) fn on_log_match(&mut self, name: &str, attempt: u32, m: v1::LogMatch) {
@@ -36,7 +27,7 @@ impl Core {
         } else {
             m.rule.clone()
         };
-        let sev = severity(&m.severity);
+        let sev = Severity::from_name(&m.severity);
         let held = self.is_held(name);
         let message = format!("{} matched rule {rule} ({})", m.stream, action.as_str());
         let event = self
@@ -87,7 +78,7 @@ impl Core {
     /// The node applied an exit rule; stop and escalate rules need a person.
     pub(super) fn on_exit_rule(&mut self, name: &str, exited: &v1::AttemptExited) {
         let action = Action::parse(&exited.action).unwrap_or(Action::Escalate);
-        let sev = severity(&exited.severity);
+        let sev = Severity::from_name(&exited.severity);
         let event = self
             .task_event(
                 name,

@@ -340,7 +340,11 @@ impl Core {
                     .with("reason", exited.reason.clone());
                 self.emit(event);
             }
-            _ => self.on_settled(name, attempt, "stopped", &exited.reason),
+            _ => {
+                // It records the end and what follows from it (children included).
+                self.on_settled(name, attempt, "stopped", &exited.reason);
+                return;
+            }
         }
         self.touch(name);
         if !super::tree::living(self.tasks[name].state) {
