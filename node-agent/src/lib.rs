@@ -397,9 +397,10 @@ fn metrics(ctx: &Context, supervisor: &Supervisor) -> String {
     use muster_proto::metrics::{render, Family};
     use std::sync::atomic::Ordering::Relaxed;
     let mut tasks = Family::new("muster_node_tasks", "gauge", "Tasks on this node by phase.");
-    let running = supervisor.running();
+    // Not `running()`: a scrape must not read inbox files nor touch what Hello reports.
+    let phases = supervisor.phases();
     for phase in ["starting", "running", "backoff", "stopping"] {
-        let n = running.iter().filter(|a| a.state == phase).count();
+        let n = phases.iter().filter(|p| **p == phase).count();
         tasks = tasks.with(&[("phase", phase)], n as f64);
     }
     let s = &ctx.stats;

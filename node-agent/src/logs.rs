@@ -1,7 +1,6 @@
-//! Per-task log files: both output streams drained into size-capped, rotated files, with a
-//! short in-memory tail of lines for exit events and fail-pattern matching.
+//! Per-task log files: both output streams drained into size-capped, rotated files, each
+//! line handed on (the agent keeps a short tail of them for exit events and rules).
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -151,22 +150,18 @@ impl LineSplitter {
     }
 }
 
-/// The last lines of output, both streams interleaved, for exit events.
-pub type Tail = std::sync::Arc<std::sync::Mutex<VecDeque<String>>>;
-
 /// Drains one output pipe until it closes: every byte goes to the log file, every line to
-/// `on_line` and the shared tail. Never stops reading, so the child never blocks on a pipe.
+/// `on_line` (the agent keeps the tail for exit events). Never stops reading, so the child
+/// never blocks on a pipe.
 pub async fn drain(
     pipe: impl Into<std::os::fd::OwnedFd>,
     mut file: LogFile,
-    tail: Tail,
     mut on_line: impl FnMut(&str),
     on_first_drop: impl FnOnce(&str),
 ) -> io::Result<u64> {
     let mut on_first_drop = Some(on_first_drop);
     let mut reader = pipe::Receiver::from_owned_fd(pipe.into())?;
     let mut splitter = LineSplitter::new(file.limits.max_line_bytes);
-    let tail_lines = file.limits.tail_lines;
     // Small: the keeper holds two of these per child, and memory per child is what a node
     // with thousands of children pays; a flood only costs more reads.
     let mut buf = vec![0u8; 8 * 1024];
@@ -183,14 +178,7 @@ pub async fn drain(
                 report(file.error.as_deref().unwrap_or("write failed"));
             }
         }
-        splitter.feed(&buf[..n], |line| {
-            on_line(&line);
-            let mut tail = tail.lock().expect("log tail poisoned");
-            if tail.len() == tail_lines {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        });
+        splitter.feed(&buf[..n], |line| on_line(&line));
     }
     Ok(file.dropped)
 }

@@ -135,11 +135,20 @@ fn reap_forever(reaper: &Reaper) {
     }
 }
 
+/// The kinds of spawn errors, as the inbox and the `spawn_error` incident name them.
+pub const SPAWN_ERROR_KINDS: [&str; 5] = [
+    "missing_workdir",
+    "missing_binary",
+    "not_executable",
+    "fd_limit",
+    "unknown_user",
+];
+
 /// Why an attempt could not start: a kind for people and rules, and the message with the
 /// path and the OS error.
 #[derive(Debug, Clone)]
 pub struct SpawnError {
-    /// missing_workdir, missing_binary, not_executable, fd_limit or spawn_error
+    /// One of [`SPAWN_ERROR_KINDS`], or spawn_error
     pub kind: &'static str,
     pub message: String,
 }

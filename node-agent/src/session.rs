@@ -112,6 +112,7 @@ impl Session {
             _ => return Err(SessionError::Closed),
         };
         *established = true;
+        self.supervisor.welcomed();
         self.ctx.outbox.rewind(welcome.acked_seq);
         {
             let mut contact = self.ctx.contact.lock().expect("contact poisoned");

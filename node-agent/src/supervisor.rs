@@ -325,14 +325,16 @@ impl Supervisor {
         }
     }
 
-    /// What runs now, for Hello. The first Hello also names attempts that exited while no
-    /// agent ran, so the controller waits for their exit instead of calling them lost.
+    /// What runs now, for Hello. Until a controller welcomed this agent, Hello also names
+    /// attempts that exited while no agent ran, so the controller waits for their exit
+    /// instead of calling them lost.
     pub fn running(&self) -> Vec<RunningAttempt> {
         let away: Vec<(String, u32)> = self
             .exited_while_away
             .lock()
             .expect("adoption state poisoned")
-            .drain()
+            .iter()
+            .map(|(name, attempt)| (name.clone(), *attempt))
             .collect();
         let tasks = self.tasks.lock().expect("task table poisoned");
         let reported: Vec<RunningAttempt> = away
@@ -359,6 +361,25 @@ impl Supervisor {
                 }
             })
             .chain(reported)
+            .collect()
+    }
+
+    /// A controller welcomed a Hello that named the attempts that exited while no agent
+    /// ran: it knows them now.
+    pub fn welcomed(&self) {
+        self.exited_while_away
+            .lock()
+            .expect("adoption state poisoned")
+            .clear();
+    }
+
+    /// The phase of every task here (starting, running, backoff, stopping), for metrics.
+    pub fn phases(&self) -> Vec<&'static str> {
+        self.tasks
+            .lock()
+            .expect("task table poisoned")
+            .values()
+            .map(|handle| handle.status.lock().expect("run status poisoned").phase)
             .collect()
     }
 

@@ -207,13 +207,14 @@ impl Keeper {
         }
     }
 
-    /// The agent has recorded the exit: the keeper may drop it.
+    /// The agent has recorded the exit: the keeper may drop it. Its routes go too, also the
+    /// exit route of an attempt whose exit never came (it failed to spawn, or had ended
+    /// before it was adopted).
     pub fn forget(&self, key: &str) {
-        self.routes
-            .lock()
-            .expect("keeper routes poisoned")
-            .outputs
-            .remove(key);
+        let mut routes = self.routes.lock().expect("keeper routes poisoned");
+        routes.outputs.remove(key);
+        routes.exits.remove(key);
+        drop(routes);
         let _ = self.send(&Request::Forget {
             key: key.to_string(),
         });
@@ -232,14 +233,12 @@ impl Keeper {
     }
 }
 
+/// The kind a keeper named, as a static name (unknown ones are plain spawn errors).
 fn kind_name(kind: &str) -> &'static str {
-    match kind {
-        "missing_workdir" => "missing_workdir",
-        "missing_binary" => "missing_binary",
-        "not_executable" => "not_executable",
-        "fd_limit" => "fd_limit",
-        _ => "spawn_error",
-    }
+    crate::process::SPAWN_ERROR_KINDS
+        .into_iter()
+        .find(|k| *k == kind)
+        .unwrap_or("spawn_error")
 }
 
 fn route(routes: &Mutex<Routes>, message: Message) {

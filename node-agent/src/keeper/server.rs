@@ -13,7 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use super::{start_time, ChildInfo, LaunchSpec, Message, Request};
-use crate::logs::{self, LogFile, LogLimits, Tail};
+use crate::logs::{self, LogFile, LogLimits};
 use crate::process::{self, Exit, Launch};
 
 /// Lines queued for a slow or absent agent are dropped past this; files keep everything.
@@ -82,10 +82,16 @@ pub async fn run(data_dir: PathBuf) -> std::io::Result<()> {
     let mut idle_since = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = accepted?;
-                tokio::spawn(serve(stream, state.clone()));
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream, state.clone()));
+                }
+                // Out of descriptors, for instance: the children still need their keeper.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept an agent connection");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
         enforce_leases(&state);
@@ -313,8 +319,7 @@ fn spawn(spec: LaunchSpec, state: Shared) -> Result<(u32, u64), process::SpawnEr
                 },
             );
         };
-        let tail: Tail = Default::default();
-        drains.push(tokio::spawn(logs::drain(fd, file, tail, on_line, on_drop)));
+        drains.push(tokio::spawn(logs::drain(fd, file, on_line, on_drop)));
     }
 
     let key = spec.key;
