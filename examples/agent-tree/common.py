@@ -165,7 +165,8 @@ def escalate(task, state, known_ids=(), acked=None):
 
 class Inbox:
     """Tails $MUSTER_INBOX (JSON lines about our descendants), yielding each seq once.
-    The file may not exist before the first event; lines may repeat after a reconnect."""
+    The file may not exist before the first event; the agent writes each seq once, and the
+    dedupe by seq only guards against a file replaced under us."""
 
     def __init__(self, path):
         self.path, self.offset, self.partial, self.seen, self.inode = path, 0, b"", set(), None
