@@ -921,12 +921,16 @@ async fn inbox(
     if since.is_none() && (!filter.is_empty() || task_token) {
         // Filtered without a start: the last 50 matching events of the whole inbox.
         let mut next = 1;
+        // Everything up to the inbox's end at the first page is read by the paging below,
+        // so a follow starts after it rather than scanning it again.
+        let mut scanned_to = None;
         let mut last: std::collections::VecDeque<v1::Event> = std::collections::VecDeque::new();
         loop {
             let page = client
                 .read_inbox(filter.read(next, 1000))
                 .await?
                 .into_inner();
+            scanned_to.get_or_insert(page.last_seq);
             for event in page.events.iter().cloned() {
                 next = event.seq + 1;
                 if last.len() == 50 {
@@ -944,7 +948,8 @@ async fn inbox(
             }
         }
         if follow {
-            return follow_inbox(url, next, &filter, print).await;
+            let from = next.max(scanned_to.unwrap_or(0) + 1);
+            return follow_inbox(url, from, &filter, print).await;
         }
         return Ok(());
     }
